@@ -1,0 +1,466 @@
+//! `transcode`: the operator's command line. It talks to the store named by the config (the
+//! embedded SQLite file by default) and prints either tables for people or JSON for scripts.
+//! Errors are one line on stderr with a documented exit code (docs/cli.md).
+
+mod output;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use transcode_core::config::{Config, ConfigError};
+use transcode_core::events::{EventBody, Origin, TaskCancelled, TaskQueued};
+use transcode_core::spec::{CodecPreset, Container, Rendition, SpecError, TaskSpec};
+use transcode_core::store::{self, EventFilter, Fence, Patch, Store, StoreError, TaskFilter};
+use transcode_core::{TaskId, TaskStatus};
+
+/// Exit codes, documented in docs/cli.md.
+mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const INVALID_INPUT: u8 = 3;
+    pub const NOT_FOUND: u8 = 4;
+    pub const UNAVAILABLE: u8 = 5;
+    pub const CONFLICT: u8 = 6;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "transcode",
+    version,
+    about = "Operate a nomad-transcode farm: submit videos, follow tasks and events"
+)]
+struct Cli {
+    /// HCL config file (default: none; embedded defaults, then TRANSCODE_* env).
+    #[arg(long, global = true, value_name = "FILE", env = "TRANSCODE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Store URL: sqlite://PATH or postgres://USER@HOST:PORT/DB (overrides config and env).
+    #[arg(long, global = true, value_name = "URL")]
+    store: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or upgrade the database schema.
+    Migrate,
+    /// Submit a video: a spec from a JSON file, or from flags. Prints the new task id.
+    Submit(SubmitArgs),
+    /// List tasks, newest first.
+    Tasks(TasksArgs),
+    /// Show one task and its events.
+    Task {
+        id: TaskId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read the event log.
+    Events(EventsArgs),
+    /// Cancel a queued, running or escalated task.
+    Cancel {
+        id: TaskId,
+        #[arg(long, default_value = "cancelled by operator")]
+        reason: String,
+    },
+    /// Check a config file and/or a spec file without running anything.
+    Validate {
+        #[arg(long, value_name = "FILE")]
+        spec: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    /// A JSON spec file ("-" for stdin). Flags given as well override its fields.
+    #[arg(long, value_name = "FILE")]
+    spec: Option<PathBuf>,
+    /// Source object: s3://bucket/key or file:///path.
+    #[arg(long)]
+    source: Option<String>,
+    /// Output prefix, ending in '/': s3://bucket/prefix/ or file:///dir/.
+    #[arg(long)]
+    output: Option<String>,
+    /// Ladder preset: hd or sd.
+    #[arg(long)]
+    preset: Option<String>,
+    /// A rendition NAME:WIDTHxHEIGHT:VIDEO_KBPS[:AUDIO_KBPS]; repeat for a ladder.
+    #[arg(long = "rendition", value_name = "SPEC")]
+    renditions: Vec<String>,
+    #[arg(long)]
+    priority: Option<i32>,
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// x264 speed preset (ultrafast … slow).
+    #[arg(long)]
+    codec_preset: Option<String>,
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Print the task as JSON instead of its id.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TasksArgs {
+    #[arg(long)]
+    status: Option<TaskStatus>,
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Page: only tasks older than this id.
+    #[arg(long)]
+    before: Option<TaskId>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EventsArgs {
+    #[arg(long)]
+    task: Option<TaskId>,
+    /// An event type, e.g. VideoTranscoded.
+    #[arg(long = "type")]
+    event_type: Option<transcode_core::EventType>,
+    /// Only events after this sequence number (the cursor printed in the SEQ column).
+    #[arg(long)]
+    since: Option<i64>,
+    #[arg(long, default_value_t = 200)]
+    limit: u32,
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TRANSCODE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("transcode: error: {}", one_line(&e));
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause.is::<SpecError>() || cause.is::<ConfigError>() {
+            return exit::INVALID_INPUT;
+        }
+        if let Some(se) = cause.downcast_ref::<StoreError>() {
+            return match se {
+                StoreError::NotFound(_) => exit::NOT_FOUND,
+                StoreError::InvalidSpec(_) | StoreError::BadUrl(_) => exit::INVALID_INPUT,
+                StoreError::Unavailable(_) => exit::UNAVAILABLE,
+                StoreError::WrongStatus { .. }
+                | StoreError::Illegal(_)
+                | StoreError::StaleToken { .. }
+                | StoreError::IdempotencyConflict { .. } => exit::CONFLICT,
+                StoreError::Backend(_) | StoreError::Corrupt(_) => exit::FAILURE,
+            };
+        }
+        if cause.is::<serde_json::Error>() {
+            return exit::INVALID_INPUT;
+        }
+    }
+    exit::FAILURE
+}
+
+fn load_config(cli: &Cli) -> Result<Config> {
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    if let Some(url) = &cli.store {
+        cfg.set("store.url", url)?;
+    }
+    Ok(cfg)
+}
+
+async fn open_store(cfg: &Config) -> Result<Arc<dyn Store>> {
+    let pool = usize::try_from(cfg.store.pool_size).unwrap_or(4).min(4);
+    store::open(&cfg.store.url, pool)
+        .await
+        .with_context(|| format!("opening store {}", redact(&cfg.store.url)))
+}
+
+/// Hides a password in a postgres URL before it is printed.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Who the CLI acts as, for the events it writes: `cli-<os user>` on this host.
+fn origin() -> Origin {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    Origin::new(format!("cli-{user}"), host)
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let cfg = load_config(&cli)?;
+    match cli.command {
+        Command::Migrate => {
+            let store = open_store(&cfg).await?;
+            let v = store.migrate().await?;
+            println!("schema at version {v} ({})", redact(&cfg.store.url));
+        }
+        Command::Validate { spec } => {
+            if let Some(path) = spec {
+                let spec = read_spec(&path)?;
+                let valid = spec.validate()?;
+                println!(
+                    "spec ok: {} rendition(s) from {}",
+                    valid.renditions.len(),
+                    valid.source
+                );
+            }
+            println!("config ok (store {})", redact(&cfg.store.url));
+        }
+        Command::Submit(args) => {
+            let spec = build_spec(&args)?;
+            // Validate before connecting, so a bad spec never needs (or touches) the store.
+            spec.validate()?;
+            let store = open_store(&cfg).await?;
+            let queued = origin().event(
+                None,
+                EventBody::TaskQueued(TaskQueued {
+                    priority: spec.priority,
+                    via: "cli".into(),
+                }),
+            );
+            let ins = store.insert_task(&spec, &[queued]).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&ins.task)?);
+            } else {
+                println!("{}", ins.task.id);
+            }
+            if !ins.created {
+                eprintln!(
+                    "transcode: note: idempotency key matched existing task {} ({})",
+                    ins.task.id, ins.task.status
+                );
+            }
+        }
+        Command::Tasks(args) => {
+            let store = open_store(&cfg).await?;
+            let tasks = store
+                .list_tasks(&TaskFilter {
+                    status: args.status,
+                    limit: args.limit,
+                    before: args.before,
+                })
+                .await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&tasks)?);
+            } else {
+                print!("{}", output::tasks_table(&tasks));
+            }
+        }
+        Command::Task { id, json } => {
+            let store = open_store(&cfg).await?;
+            let task = store.get_task(id).await?;
+            let events = store
+                .events(&EventFilter {
+                    task_id: Some(id),
+                    limit: 10_000,
+                    ..EventFilter::default()
+                })
+                .await?;
+            if json {
+                let ev: Vec<_> = events.iter().map(|e| e.to_cloudevent()).collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"task": task, "events": ev}))?
+                );
+            } else {
+                print!("{}", output::task_details(&task, &events));
+            }
+        }
+        Command::Events(args) => {
+            let store = open_store(&cfg).await?;
+            let events = store
+                .events(&EventFilter {
+                    task_id: args.task,
+                    event_type: args.event_type.map(|t| t.to_string()),
+                    after_seq: args.since,
+                    limit: args.limit,
+                })
+                .await?;
+            if args.json {
+                for e in &events {
+                    let mut ce = e.to_cloudevent();
+                    if let Some(o) = ce.as_object_mut() {
+                        o.insert("seq".into(), serde_json::json!(e.seq));
+                    }
+                    println!("{}", serde_json::to_string(&ce)?);
+                }
+            } else {
+                print!("{}", output::events_table(&events));
+            }
+        }
+        Command::Cancel { id, reason } => {
+            let store = open_store(&cfg).await?;
+            let o = origin();
+            let ev = o.event(
+                Some(id),
+                EventBody::TaskCancelled(TaskCancelled {
+                    by: o.member.clone(),
+                    reason: reason.clone(),
+                }),
+            );
+            let t = store
+                .transition(
+                    id,
+                    Fence::Admin,
+                    TaskStatus::Cancelled,
+                    &Patch {
+                        error_code: Some("cancelled".into()),
+                        error_message: Some(reason),
+                        ..Patch::default()
+                    },
+                    &[ev],
+                )
+                .await?;
+            println!("{} {}", t.id, t.status);
+        }
+    }
+    Ok(())
+}
+
+fn read_spec(path: &std::path::Path) -> Result<TaskSpec> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading spec from stdin")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    serde_json::from_str(&text).with_context(|| format!("spec {}", path.display()))
+}
+
+fn parse_rendition(s: &str) -> Result<Rendition> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let (name, size, vk, ak) = match parts.as_slice() {
+        [n, sz, v] => (*n, *sz, *v, None),
+        [n, sz, v, a] => (*n, *sz, *v, Some(*a)),
+        _ => bail!("--rendition {s:?}: expected NAME:WIDTHxHEIGHT:VIDEO_KBPS[:AUDIO_KBPS]"),
+    };
+    let (w, h) = size
+        .split_once('x')
+        .ok_or_else(|| anyhow!("--rendition {s:?}: size must be WIDTHxHEIGHT"))?;
+    let num = |v: &str, what: &str| -> Result<u32> {
+        v.parse()
+            .map_err(|_| anyhow!("--rendition {s:?}: {what} {v:?} is not a number"))
+    };
+    Ok(Rendition {
+        name: name.to_string(),
+        width: num(w, "width")?,
+        height: num(h, "height")?,
+        video_kbps: num(vk, "video kbps")?,
+        audio_kbps: ak.map(|a| num(a, "audio kbps")).transpose()?.unwrap_or(128),
+    })
+}
+
+fn build_spec(a: &SubmitArgs) -> Result<TaskSpec> {
+    let mut spec = match &a.spec {
+        Some(path) => read_spec(path)?,
+        None => TaskSpec {
+            source: String::new(),
+            output: String::new(),
+            preset: None,
+            renditions: None,
+            container: Container::Mp4,
+            codec_preset: CodecPreset::default(),
+            priority: 0,
+            idempotency_key: None,
+            max_attempts: None,
+        },
+    };
+    if let Some(v) = &a.source {
+        spec.source = v.clone();
+    }
+    if let Some(v) = &a.output {
+        spec.output = v.clone();
+    }
+    if let Some(v) = &a.preset {
+        spec.preset = Some(v.clone());
+    }
+    if !a.renditions.is_empty() {
+        spec.renditions = Some(
+            a.renditions
+                .iter()
+                .map(|r| parse_rendition(r))
+                .collect::<Result<_>>()?,
+        );
+    }
+    if let Some(v) = a.priority {
+        spec.priority = v;
+    }
+    if let Some(v) = &a.idempotency_key {
+        spec.idempotency_key = Some(v.clone());
+    }
+    if let Some(v) = &a.codec_preset {
+        spec.codec_preset = serde_json::from_value(serde_json::json!(v))
+            .map_err(|_| anyhow!("--codec-preset {v:?}: expected ultrafast, superfast, veryfast, faster, fast, medium or slow"))?;
+    }
+    if let Some(v) = a.max_attempts {
+        spec.max_attempts = Some(v);
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendition_flag_parses() {
+        let r = parse_rendition("720p:1280x720:3000").expect("valid");
+        assert_eq!(
+            (r.width, r.height, r.video_kbps, r.audio_kbps),
+            (1280, 720, 3000, 128)
+        );
+        assert_eq!(
+            parse_rendition("a:2x2:50:64").expect("valid").audio_kbps,
+            64
+        );
+        for bad in [
+            "720p",
+            "720p:1280:3000",
+            "720p:axb:3000",
+            "a:2x2:x",
+            "a:2x2:1:2:3",
+        ] {
+            assert!(parse_rendition(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+    }
+}

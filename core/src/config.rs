@@ -1,0 +1,956 @@
+//! Configuration: the one place that knows every setting, its type, its default and how it is
+//! spelled in the HCL file, in `TRANSCODE_*` environment variables and in `set()` calls made by
+//! binaries for their CLI flags. Layers apply in that order (file, env, flags), each later layer
+//! overriding the earlier. With no file at all the defaults run the embedded mode (SQLite, local
+//! endpoints). Mistakes in the file are reported with `file:line:column`, because an operator
+//! editing a config on a server has nothing else to go on.
+//!
+//! The file is checked by walking the `hcl-edit` syntax tree (which keeps spans) against
+//! [`SCHEMA`]; the checked literal values are then assembled into a JSON tree and deserialized
+//! into [`Config`] with serde. Env vars and flags go through the same schema, so a setting
+//! added to the schema (and to its struct) is available in all three layers at once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use hcl_edit::expr::{Expression, UnaryOperator};
+use hcl_edit::structure::{Body, Structure};
+use hcl_edit::Span;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::objects::ObjectsConfig;
+
+/// Prefix of every environment override.
+pub const ENV_PREFIX: &str = "TRANSCODE_";
+
+/// Env vars with this prefix belong to the test harness, never to the config.
+const ENV_IGNORED_PREFIXES: &[&str] = &["TRANSCODE_TEST_"];
+/// Env vars that look like config keys but belong to something else.
+const ENV_IGNORED_NAMES: &[&str] = &["TRANSCODE_REQUIRE_SERVICES"];
+
+/// The complete configuration of any nomad-transcode process. Every section and every key has a
+/// default, so `Config::default()` is a working embedded setup.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub objects: ObjectsConfig,
+    pub scaler: ScalerConfig,
+    pub worker: WorkerConfig,
+    pub log: LogConfig,
+}
+
+/// Where task and event rows live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://path` (relative paths are relative to the working directory) or
+    /// `postgres://user:pw@host:port/db` (`postgresql://` is accepted too).
+    pub url: String,
+    /// Connections in the pool.
+    pub pool_size: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "sqlite://.transcode/transcode.db".into(),
+            pool_size: 8,
+        }
+    }
+}
+
+/// The scaler's sockets. ZeroMQ endpoints are `tcp://host:port` (or `ipc://`), HTTP is
+/// `host:port`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScalerConfig {
+    pub intake: String,
+    pub dispatch: String,
+    pub events_pub: String,
+    pub events_sub: String,
+    pub http: String,
+}
+
+impl Default for ScalerConfig {
+    fn default() -> Self {
+        ScalerConfig {
+            intake: "tcp://127.0.0.1:5570".into(),
+            dispatch: "tcp://127.0.0.1:5571".into(),
+            events_pub: "tcp://127.0.0.1:5572".into(),
+            events_sub: "tcp://127.0.0.1:5573".into(),
+            http: "127.0.0.1:8570".into(),
+        }
+    }
+}
+
+/// One worker process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Member id; empty means the worker makes one up at start.
+    pub id: String,
+    /// Node name; empty means the host name.
+    pub node: String,
+    /// Tasks this worker runs at once.
+    pub slots: u32,
+    /// Where sources and outputs are staged; empty means a folder under the system temp dir.
+    pub scratch_dir: String,
+    /// Length of a task lease; the worker renews well before it runs out.
+    pub lease_seconds: u64,
+    /// How long a draining worker waits for running tasks before it gives them back.
+    pub drain_timeout_seconds: u64,
+    /// Health and metrics listener; port 0 picks a free port.
+    pub http: String,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            id: String::new(),
+            node: String::new(),
+            slots: 2,
+            scratch_dir: String::new(),
+            lease_seconds: 30,
+            drain_timeout_seconds: 60,
+            http: "127.0.0.1:0".into(),
+        }
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter directive such as `info` or `info,transcode_core=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Why a configuration was refused. Every variant names where the bad value came from: a file
+/// position, an env var, or a key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid HCL.
+    #[error("{origin}:{line}:{column}: syntax error: {message}")]
+    Syntax {
+        origin: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// The file is valid HCL but does not fit the schema (unknown key, wrong type, bad value).
+    #[error("{origin}:{line}:{column}: {message}")]
+    Invalid {
+        origin: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// An environment override was unknown or held a bad value.
+    #[error("{var}: {message}")]
+    Env { var: String, message: String },
+    /// A value given through [`Config::set`] or found by [`Config::validate`] was bad.
+    #[error("{key}: {message}")]
+    Value { key: String, message: String },
+}
+
+impl ConfigError {
+    /// `(line, column)` for errors that come from a file, both one-based.
+    pub fn position(&self) -> Option<(usize, usize)> {
+        match self {
+            ConfigError::Syntax { line, column, .. }
+            | ConfigError::Invalid { line, column, .. } => Some((*line, *column)),
+            _ => None,
+        }
+    }
+}
+
+/// What a key holds. The checks here are the value checks: they run for the file, for env vars,
+/// for `set()` and again in `validate()`.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Str,
+    /// A string where empty (or HCL `null`) means "not set".
+    OptStr,
+    Bool,
+    /// A bool where HCL `null` (or an empty env var) means "derive it".
+    OptBool,
+    Int {
+        min: u64,
+        max: u64,
+    },
+    Enum(&'static [&'static str]),
+    /// A URL that must start with one of these prefixes.
+    Url(&'static [&'static str]),
+    /// Like `Url`, but may be left unset.
+    OptUrl(&'static [&'static str]),
+    /// `host:port`.
+    Addr,
+}
+
+impl Kind {
+    /// The noun used in "expected …" messages.
+    fn expected(self) -> &'static str {
+        match self {
+            Kind::Str
+            | Kind::OptStr
+            | Kind::Enum(_)
+            | Kind::Url(_)
+            | Kind::OptUrl(_)
+            | Kind::Addr => "a string",
+            Kind::Bool | Kind::OptBool => "a bool",
+            Kind::Int { .. } => "a number",
+        }
+    }
+}
+
+struct Key {
+    name: &'static str,
+    kind: Kind,
+}
+
+/// A block of the file. Nested blocks are sections of sections (`objects { s3 { … } }`).
+struct BlockSchema {
+    name: &'static str,
+    keys: &'static [Key],
+    blocks: &'static [BlockSchema],
+}
+
+const fn key(name: &'static str, kind: Kind) -> Key {
+    Key { name, kind }
+}
+
+const U32: u64 = u32::MAX as u64;
+const ZMQ: &[&str] = &["tcp://", "ipc://", "inproc://"];
+
+/// Every block and key the file may hold. To add a setting: add the field (with its default) to
+/// the struct, and its key here; the file, env and `set()` pick it up from this table.
+static SCHEMA: BlockSchema = BlockSchema {
+    name: "",
+    keys: &[],
+    blocks: &[
+        BlockSchema {
+            name: "store",
+            keys: &[
+                key(
+                    "url",
+                    Kind::Url(&["sqlite://", "postgres://", "postgresql://"]),
+                ),
+                key("pool_size", Kind::Int { min: 1, max: 1024 }),
+            ],
+            blocks: &[],
+        },
+        BlockSchema {
+            name: "objects",
+            keys: &[],
+            blocks: &[BlockSchema {
+                name: "s3",
+                keys: &[
+                    key("endpoint", Kind::OptUrl(&["http://", "https://"])),
+                    key("region", Kind::OptStr),
+                    key("access_key_id", Kind::OptStr),
+                    key("secret_access_key", Kind::OptStr),
+                    key("session_token", Kind::OptStr),
+                    key("allow_http", Kind::OptBool),
+                    key("force_path_style", Kind::Bool),
+                    key("timeout_secs", Kind::Int { min: 1, max: U32 }),
+                    key("connect_timeout_secs", Kind::Int { min: 1, max: U32 }),
+                ],
+                blocks: &[],
+            }],
+        },
+        BlockSchema {
+            name: "scaler",
+            keys: &[
+                key("intake", Kind::Url(ZMQ)),
+                key("dispatch", Kind::Url(ZMQ)),
+                key("events_pub", Kind::Url(ZMQ)),
+                key("events_sub", Kind::Url(ZMQ)),
+                key("http", Kind::Addr),
+            ],
+            blocks: &[],
+        },
+        BlockSchema {
+            name: "worker",
+            keys: &[
+                key("id", Kind::Str),
+                key("node", Kind::Str),
+                key("slots", Kind::Int { min: 1, max: 1024 }),
+                key("scratch_dir", Kind::Str),
+                key("lease_seconds", Kind::Int { min: 1, max: U32 }),
+                key("drain_timeout_seconds", Kind::Int { min: 0, max: U32 }),
+                key("http", Kind::Addr),
+            ],
+            blocks: &[],
+        },
+        BlockSchema {
+            name: "log",
+            keys: &[
+                key("format", Kind::Enum(&["text", "json"])),
+                key("level", Kind::Str),
+            ],
+            blocks: &[],
+        },
+    ],
+};
+
+/// One settable key, as the CLI and docs want to list it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Dotted path, as `set()` takes it: `worker.slots`.
+    pub path: String,
+    /// The env override: `TRANSCODE_WORKER_SLOTS`.
+    pub env: String,
+}
+
+impl Config {
+    /// Loads the file at `path` (none: defaults), then applies `TRANSCODE_*` env overrides from
+    /// the process environment, then validates. Flags are the caller's: use [`Config::set`] or
+    /// mutate the fields, then call [`Config::validate`].
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut cfg = match path {
+            Some(path) => {
+                let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Config::from_hcl_str(&src, &path.display().to_string())?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(process_env()?.into_iter())?;
+        cfg.validate()?;
+        tracing::debug!(file = ?path, "configuration loaded");
+        Ok(cfg)
+    }
+
+    /// Parses and checks an HCL document. `origin` names it in error messages (usually the file
+    /// name). Keys the document leaves out keep their defaults.
+    pub fn from_hcl_str(src: &str, origin: &str) -> Result<Config, ConfigError> {
+        let lines = LineIndex::new(src);
+        let body = hcl_edit::parser::parse_body(src).map_err(|e| {
+            let loc = e.location();
+            ConfigError::Syntax {
+                origin: origin.to_string(),
+                line: loc.line(),
+                column: loc.column(),
+                message: e.message().to_string(),
+            }
+        })?;
+        let walker = Walker {
+            origin,
+            lines: &lines,
+        };
+        let tree = walker.body(&body, &SCHEMA, "")?;
+        let cfg: Config =
+            serde_json::from_value(Value::Object(tree)).map_err(|e| ConfigError::Value {
+                key: origin.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(cfg)
+    }
+
+    /// Applies `TRANSCODE_<SECTION>_<KEY>` overrides. Variables under a known section that name
+    /// no key are an error (a typo would otherwise be silently ignored); variables of the test
+    /// harness and those outside any section are left alone.
+    pub fn apply_env(
+        &mut self,
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        let keys = env_keys();
+        let sections: Vec<String> = SCHEMA
+            .blocks
+            .iter()
+            .map(|b| format!("{ENV_PREFIX}{}_", b.name.to_uppercase()))
+            .collect();
+        // Sorted so that, with several bad variables, the same one is reported every time.
+        let mut relevant: Vec<(String, String)> = vars
+            .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+            .filter(|(name, _)| {
+                !ENV_IGNORED_NAMES.contains(&name.as_str())
+                    && !ENV_IGNORED_PREFIXES.iter().any(|p| name.starts_with(p))
+            })
+            .collect();
+        relevant.sort();
+        let mut tree = self.to_tree()?;
+        for (name, raw) in relevant {
+            if let Some((path, kind)) = keys.get(&name) {
+                let value = parse_raw(*kind, &raw).map_err(|m| ConfigError::Env {
+                    var: name.clone(),
+                    message: format!("{path}: {m}"),
+                })?;
+                put(&mut tree, path, value);
+            } else if let Some(section) = sections.iter().find(|s| name.starts_with(s.as_str())) {
+                let known: Vec<&str> = keys
+                    .keys()
+                    .filter(|k| k.starts_with(section.as_str()))
+                    .map(String::as_str)
+                    .collect();
+                return Err(ConfigError::Env {
+                    var: name,
+                    message: format!("unknown setting (known: {})", known.join(", ")),
+                });
+            }
+        }
+        *self = from_tree(tree)?;
+        tracing::trace!("environment overrides applied");
+        Ok(())
+    }
+
+    /// Sets one key from its text form, as a CLI flag gives it: `set("worker.slots", "4")`.
+    /// The value is checked the same way an env var is.
+    pub fn set(&mut self, path: &str, raw: &str) -> Result<(), ConfigError> {
+        let Some(kind) = lookup(path) else {
+            return Err(ConfigError::Value {
+                key: path.to_string(),
+                message: "unknown setting".into(),
+            });
+        };
+        let value = parse_raw(kind, raw).map_err(|message| ConfigError::Value {
+            key: path.to_string(),
+            message,
+        })?;
+        let mut tree = self.to_tree()?;
+        put(&mut tree, path, value);
+        *self = from_tree(tree)?;
+        Ok(())
+    }
+
+    /// Checks every value against the schema. `load` calls it; call it again after changing
+    /// fields directly.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let tree = self.to_tree()?;
+        validate_tree(&tree, &SCHEMA, "")
+    }
+
+    /// Every settable key with its env var name.
+    pub fn keys() -> Vec<KeyInfo> {
+        let mut out = Vec::new();
+        each_key(&SCHEMA, "", &mut |path, _| {
+            out.push(KeyInfo {
+                env: env_name(&path),
+                path,
+            })
+        });
+        out
+    }
+
+    fn to_tree(&self) -> Result<Map<String, Value>, ConfigError> {
+        match serde_json::to_value(self) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) => Err(internal("config did not serialize to an object")),
+            Err(e) => Err(internal(&e.to_string())),
+        }
+    }
+}
+
+fn internal(message: &str) -> ConfigError {
+    ConfigError::Value {
+        key: "config".into(),
+        message: format!("internal error: {message}"),
+    }
+}
+
+fn from_tree(tree: Map<String, Value>) -> Result<Config, ConfigError> {
+    serde_json::from_value(Value::Object(tree)).map_err(|e| internal(&e.to_string()))
+}
+
+/// The process environment as UTF-8 pairs. `std::env::vars` would panic on a non-UTF-8 value;
+/// a non-UTF-8 value in one of our variables is an error, elsewhere it is none of our business.
+fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if !name.starts_with(ENV_PREFIX) {
+            continue;
+        }
+        match value.into_string() {
+            Ok(v) => out.push((name.to_string(), v)),
+            Err(_) => {
+                return Err(ConfigError::Env {
+                    var: name.to_string(),
+                    message: "value is not valid UTF-8".into(),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn env_name(path: &str) -> String {
+    format!("{ENV_PREFIX}{}", path.replace('.', "_").to_uppercase())
+}
+
+fn each_key(block: &BlockSchema, prefix: &str, f: &mut dyn FnMut(String, Kind)) {
+    for k in block.keys {
+        f(format!("{prefix}{}", k.name), k.kind);
+    }
+    for b in block.blocks {
+        each_key(b, &format!("{prefix}{}.", b.name), f);
+    }
+}
+
+/// Env var name → (dotted path, kind).
+fn env_keys() -> BTreeMap<String, (String, Kind)> {
+    let mut map = BTreeMap::new();
+    each_key(&SCHEMA, "", &mut |path, kind| {
+        map.insert(env_name(&path), (path, kind));
+    });
+    map
+}
+
+fn lookup(path: &str) -> Option<Kind> {
+    let mut found = None;
+    each_key(&SCHEMA, "", &mut |p, kind| {
+        if p == path {
+            found = Some(kind);
+        }
+    });
+    found
+}
+
+/// Writes `value` at a dotted path, creating intermediate objects.
+fn put(tree: &mut Map<String, Value>, path: &str, value: Value) {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let Some(last) = parts.pop() else { return };
+    let mut cur = tree;
+    for p in parts {
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !entry.is_object() {
+            *entry = Value::Object(Map::new());
+        }
+        let Value::Object(next) = entry else { return };
+        cur = next;
+    }
+    cur.insert(last.to_string(), value);
+}
+
+fn validate_tree(
+    tree: &Map<String, Value>,
+    block: &BlockSchema,
+    prefix: &str,
+) -> Result<(), ConfigError> {
+    for k in block.keys {
+        let path = format!("{prefix}{}", k.name);
+        let lit = match tree.get(k.name) {
+            None | Some(Value::Null) => Lit::Null,
+            Some(Value::String(s)) => Lit::Str(s.clone()),
+            Some(Value::Bool(b)) => Lit::Bool(*b),
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(u) => Lit::Uint(u),
+                None => Lit::Other("a number out of range"),
+            },
+            Some(_) => Lit::Other("a structured value"),
+        };
+        if let Err(message) = check(k.kind, lit) {
+            return Err(ConfigError::Value { key: path, message });
+        }
+    }
+    for b in block.blocks {
+        let sub = match tree.get(b.name) {
+            Some(Value::Object(m)) => m.clone(),
+            _ => Map::new(),
+        };
+        validate_tree(&sub, b, &format!("{prefix}{}.", b.name))?;
+    }
+    Ok(())
+}
+
+/// A literal as found in the file (or rebuilt from the struct), before it is checked.
+#[derive(Debug, Clone)]
+enum Lit {
+    Null,
+    Str(String),
+    Bool(bool),
+    Uint(u64),
+    Neg(i64),
+    Float(f64),
+    /// Not a literal; the text says what it is instead.
+    Other(&'static str),
+}
+
+impl Lit {
+    fn describe(&self) -> String {
+        match self {
+            Lit::Null => "null".into(),
+            Lit::Str(_) => "a string".into(),
+            Lit::Bool(_) => "a bool".into(),
+            Lit::Uint(_) | Lit::Neg(_) | Lit::Float(_) => "a number".into(),
+            Lit::Other(what) => (*what).into(),
+        }
+    }
+}
+
+/// Checks a literal against a kind and turns it into the JSON value serde will read.
+fn check(kind: Kind, lit: Lit) -> Result<Value, String> {
+    let wrong = |lit: &Lit| format!("expected {}, found {}", kind.expected(), lit.describe());
+    match (kind, lit) {
+        (Kind::OptStr | Kind::OptBool | Kind::OptUrl(_), Lit::Null) => Ok(Value::Null),
+        (Kind::OptStr, Lit::Str(s)) if s.is_empty() => Ok(Value::Null),
+        (Kind::OptUrl(_), Lit::Str(s)) if s.is_empty() => Ok(Value::Null),
+        (Kind::Str | Kind::OptStr, Lit::Str(s)) => Ok(Value::String(s)),
+        (Kind::Bool | Kind::OptBool, Lit::Bool(b)) => Ok(Value::Bool(b)),
+        (Kind::Int { min, max }, Lit::Uint(n)) => {
+            if n < min {
+                Err(format!("must be at least {min}, found {n}"))
+            } else if n > max {
+                Err(format!("must be at most {max}, found {n}"))
+            } else {
+                Ok(Value::from(n))
+            }
+        }
+        (Kind::Int { min, .. }, Lit::Neg(n)) => Err(format!("must be at least {min}, found {n}")),
+        (Kind::Int { .. }, Lit::Float(f)) => Err(format!("expected a whole number, found {f}")),
+        (Kind::Enum(allowed), Lit::Str(s)) => {
+            if allowed.contains(&s.as_str()) {
+                Ok(Value::String(s))
+            } else {
+                Err(format!(
+                    "expected one of {}, found {s:?}",
+                    quoted_list(allowed)
+                ))
+            }
+        }
+        (Kind::Url(prefixes) | Kind::OptUrl(prefixes), Lit::Str(s)) => {
+            if prefixes
+                .iter()
+                .any(|p| s.starts_with(p) && s.len() > p.len())
+            {
+                Ok(Value::String(s))
+            } else {
+                Err(format!(
+                    "expected a URL starting with {}, found {s:?}",
+                    or_list(prefixes)
+                ))
+            }
+        }
+        (Kind::Addr, Lit::Str(s)) => {
+            if valid_addr(&s) {
+                Ok(Value::String(s))
+            } else {
+                Err(format!("expected host:port, found {s:?}"))
+            }
+        }
+        (_, lit) => Err(wrong(&lit)),
+    }
+}
+
+fn valid_addr(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
+}
+
+fn quoted_list(items: &[&str]) -> String {
+    items
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn or_list(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    }
+}
+
+/// Parses the text form of a value (env var or flag) for a kind.
+fn parse_raw(kind: Kind, raw: &str) -> Result<Value, String> {
+    let lit = match kind {
+        Kind::Int { .. } => {
+            let t = raw.trim();
+            if let Ok(n) = t.parse::<u64>() {
+                Lit::Uint(n)
+            } else if let Ok(n) = t.parse::<i64>() {
+                Lit::Neg(n)
+            } else {
+                return Err(format!("expected a number, found {raw:?}"));
+            }
+        }
+        Kind::Bool | Kind::OptBool => match raw.trim().to_ascii_lowercase().as_str() {
+            "" if matches!(kind, Kind::OptBool) => Lit::Null,
+            "true" | "1" | "yes" | "on" => Lit::Bool(true),
+            "false" | "0" | "no" | "off" => Lit::Bool(false),
+            _ => return Err(format!("expected true or false, found {raw:?}")),
+        },
+        _ => Lit::Str(raw.to_string()),
+    };
+    check(kind, lit)
+}
+
+/// Byte offset → one-based line and column (in characters, as editors count them).
+struct LineIndex<'a> {
+    src: &'a str,
+    starts: Vec<usize>,
+}
+
+impl<'a> LineIndex<'a> {
+    fn new(src: &'a str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(src.match_indices('\n').map(|(i, _)| i + 1));
+        LineIndex { src, starts }
+    }
+
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let line = self.starts.partition_point(|&s| s <= offset).max(1);
+        let start = self.starts[line - 1];
+        let col = self
+            .src
+            .get(start..offset.min(self.src.len()))
+            .map_or(offset - start, |s| s.chars().count());
+        (line, col + 1)
+    }
+}
+
+struct Walker<'a> {
+    origin: &'a str,
+    lines: &'a LineIndex<'a>,
+}
+
+impl Walker<'_> {
+    fn err(&self, span: Option<std::ops::Range<usize>>, message: String) -> ConfigError {
+        let (line, column) = self.lines.position(span.map_or(0, |r| r.start));
+        ConfigError::Invalid {
+            origin: self.origin.to_string(),
+            line,
+            column,
+            message,
+        }
+    }
+
+    fn at(&self, offset: usize) -> String {
+        let (l, c) = self.lines.position(offset);
+        format!("{l}:{c}")
+    }
+
+    fn body(
+        &self,
+        body: &Body,
+        schema: &BlockSchema,
+        prefix: &str,
+    ) -> Result<Map<String, Value>, ConfigError> {
+        let mut out = Map::new();
+        // Name → byte offset of its first occurrence, for "first set at" notes.
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        let place = if schema.name.is_empty() {
+            "at the top level".to_string()
+        } else {
+            format!("in block {}", prefix.trim_end_matches('.'))
+        };
+        for structure in body.iter() {
+            let (name, span) = match structure {
+                Structure::Attribute(a) => (a.key.as_str(), a.key.span()),
+                Structure::Block(b) => (b.ident.as_str(), b.ident.span()),
+            };
+            let offset = span.as_ref().map_or(0, |r| r.start);
+            if let Some(first) = seen.get(name) {
+                return Err(self.err(
+                    span,
+                    format!(
+                        "duplicate {} {name:?} {place} (first set at {})",
+                        if structure.is_block() { "block" } else { "key" },
+                        self.at(*first)
+                    ),
+                ));
+            }
+            seen.insert(name.to_string(), offset);
+            let path = format!("{prefix}{name}");
+            let key = schema.keys.iter().find(|k| k.name == name);
+            let sub = schema.blocks.iter().find(|b| b.name == name);
+            match (structure, key, sub) {
+                (Structure::Attribute(a), Some(k), _) => {
+                    let lit = literal(&a.value);
+                    let value = check(k.kind, lit)
+                        .map_err(|m| self.err(a.value.span(), format!("{path}: {m}")))?;
+                    out.insert(name.to_string(), value);
+                }
+                (Structure::Block(b), None, Some(s)) => {
+                    if let Some(label) = b.labels.first() {
+                        return Err(self.err(label.span(), format!("block {path} takes no labels")));
+                    }
+                    let inner = self.body(&b.body, s, &format!("{path}."))?;
+                    out.insert(name.to_string(), Value::Object(inner));
+                }
+                (Structure::Attribute(_), None, Some(_)) => {
+                    return Err(self.err(
+                        span,
+                        format!("{path} is a block: write {name} {{ … }}, not {name} = …"),
+                    ));
+                }
+                (Structure::Block(_), Some(k), _) => {
+                    return Err(self.err(
+                        span,
+                        format!("{path}: expected {}, found a block", k.kind.expected()),
+                    ));
+                }
+                (_, None, None) => {
+                    let kind = if structure.is_block() { "block" } else { "key" };
+                    return Err(self.err(
+                        span,
+                        format!(
+                            "unknown {kind} {name:?} {place} (expected one of: {})",
+                            expected_names(schema)
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn expected_names(schema: &BlockSchema) -> String {
+    schema
+        .keys
+        .iter()
+        .map(|k| k.name)
+        .chain(schema.blocks.iter().map(|b| b.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Reduces an expression to a literal. Config values are data, so anything that would need
+/// evaluating (variables, functions, interpolation) is refused rather than half-supported.
+fn literal(expr: &Expression) -> Lit {
+    match expr {
+        Expression::Null(_) => Lit::Null,
+        Expression::Bool(b) => Lit::Bool(*b.value()),
+        Expression::Number(n) => {
+            let n = n.value();
+            if let Some(u) = n.as_u64() {
+                Lit::Uint(u)
+            } else if let Some(i) = n.as_i64() {
+                Lit::Neg(i)
+            } else {
+                Lit::Float(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        Expression::String(s) => Lit::Str(s.value().clone()),
+        Expression::Parenthesis(p) => literal(p.inner()),
+        Expression::UnaryOp(op) if *op.operator.value() == UnaryOperator::Neg => {
+            match literal(&op.expr) {
+                Lit::Uint(u) => Lit::Neg(i64::try_from(u).map_or(i64::MIN, |i| -i)),
+                Lit::Float(f) => Lit::Float(-f),
+                _ => Lit::Other("an expression"),
+            }
+        }
+        Expression::Array(_) => Lit::Other("a list"),
+        Expression::Object(_) => Lit::Other("an object"),
+        Expression::StringTemplate(_) | Expression::HeredocTemplate(_) => {
+            Lit::Other("a template (interpolation is not supported)")
+        }
+        _ => Lit::Other("an expression"),
+    }
+}
+
+impl fmt::Display for KeyInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.path, self.env)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+store {
+  url = "postgres://u:p@127.0.0.1:5432/t"
+  pool_size = 4
+}
+objects {
+  s3 {
+    endpoint = "http://127.0.0.1:8333"
+    region = "eu-west-1"
+    access_key_id = "k"
+    secret_access_key = "s"
+    allow_http = true
+    force_path_style = false
+    timeout_secs = 10
+    connect_timeout_secs = 2
+  }
+}
+scaler { http = "0.0.0.0:9000" }
+worker {
+  id = "w1"
+  slots = 3
+}
+log { format = "json" }
+"#;
+
+    /// The walker and hcl-rs's serde support must read the same document the same way, so
+    /// the serde derives stay usable by anyone who deserializes with hcl-rs directly.
+    #[test]
+    fn walker_agrees_with_hcl_rs() {
+        let ours = Config::from_hcl_str(FULL, "t.hcl").expect("valid");
+        let theirs: Config = hcl::from_str(FULL).expect("hcl-rs reads it");
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn every_schema_key_round_trips_through_set() {
+        for info in Config::keys() {
+            let kind = lookup(&info.path).expect("listed key");
+            // Values chosen to differ from every default, so a key that set() silently drops
+            // shows up as "changed nothing".
+            let raw = match kind {
+                Kind::Str | Kind::OptStr => "x".to_string(),
+                Kind::Bool | Kind::OptBool => "false".to_string(),
+                Kind::Int { min, .. } => min.to_string(),
+                Kind::Enum(v) => v[v.len() - 1].to_string(),
+                Kind::Url(p) | Kind::OptUrl(p) => format!("{}x", p[p.len() - 1]),
+                Kind::Addr => "127.0.0.1:1".to_string(),
+            };
+            let mut cfg = Config::default();
+            cfg.set(&info.path, &raw)
+                .unwrap_or_else(|e| panic!("{}: {e}", info.path));
+            assert_ne!(cfg, Config::default(), "{} changed nothing", info.path);
+            cfg.validate().expect("still valid");
+        }
+    }
+
+    #[test]
+    fn positions_count_characters() {
+        let idx = LineIndex::new("ab\nçd\n");
+        assert_eq!(idx.position(0), (1, 1));
+        assert_eq!(idx.position(3), (2, 1));
+        assert_eq!(idx.position(5), (2, 2));
+    }
+}

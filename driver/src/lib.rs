@@ -1,0 +1,12 @@
+//! nomad-driver-transcode: a Nomad task driver plugin (go-plugin over gRPC) that runs
+//! `transcode-worker` processes as managed allocations, each in its own cgroup, and keeps
+//! them running and recoverable across plugin restarts.
+
+pub mod cgroup;
+pub mod config;
+pub mod cty;
+pub mod fingerprint;
+pub mod logging;
+pub mod procfs;
+pub mod proto;
+pub mod shim;
