@@ -392,11 +392,7 @@ impl Config {
             .collect();
         // Sorted so that, with several bad variables, the same one is reported every time.
         let mut relevant: Vec<(String, String)> = vars
-            .filter(|(name, _)| name.starts_with(ENV_PREFIX))
-            .filter(|(name, _)| {
-                !ENV_IGNORED_NAMES.contains(&name.as_str())
-                    && !ENV_IGNORED_PREFIXES.iter().any(|p| name.starts_with(p))
-            })
+            .filter(|(name, _)| name.starts_with(ENV_PREFIX) && !env_ignored(name))
             .collect();
         relevant.sort();
         let mut tree = self.to_tree()?;
@@ -488,7 +484,7 @@ fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
     let mut out = Vec::new();
     for (name, value) in std::env::vars_os() {
         let Some(name) = name.to_str() else { continue };
-        if !name.starts_with(ENV_PREFIX) {
+        if !name.starts_with(ENV_PREFIX) || env_ignored(name) {
             continue;
         }
         match value.into_string() {
@@ -502,6 +498,10 @@ fn process_env() -> Result<Vec<(String, String)>, ConfigError> {
         }
     }
     Ok(out)
+}
+
+fn env_ignored(name: &str) -> bool {
+    ENV_IGNORED_NAMES.contains(&name) || ENV_IGNORED_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
 fn env_name(path: &str) -> String {

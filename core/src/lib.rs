@@ -3,9 +3,13 @@
 //! SQLite implementations, object access, and configuration. Binaries depend on this crate and
 //! never on each other.
 
+pub mod bus;
 pub mod config;
 pub mod events;
+pub mod http;
+pub mod metrics;
 pub mod objects;
+pub mod protocol;
 pub mod spec;
 pub mod status;
 pub mod store;

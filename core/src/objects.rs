@@ -348,17 +348,19 @@ impl Objects {
                     .put_multipart(&path)
                     .await
                     .map_err(|e| classify(url, e))?;
-                let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-                let result =
-                    stream_parts(&mut file, src, url, &mut writer, &mut hasher, &mut bytes).await;
-                match result {
-                    Ok(()) => {
-                        writer.finish().await.map_err(|e| classify(url, e))?;
+                let mut upload =
+                    UploadGuard::new(WriteMultipart::new_with_chunk_size(upload, PART_SIZE), url);
+                let streamed = match upload.writer() {
+                    Some(writer) => {
+                        stream_parts(&mut file, src, url, writer, &mut hasher, &mut bytes).await
                     }
+                    None => Ok(()),
+                };
+                match streamed {
+                    // finish() aborts the upload itself when completing fails.
+                    Ok(()) => upload.finish().await.map_err(|e| classify(url, e))?,
                     Err(e) => {
-                        if let Err(abort) = writer.abort().await {
-                            tracing::warn!(%url, error = %abort, "aborting multipart upload failed; parts may linger until the bucket's lifecycle rule removes them");
-                        }
+                        upload.abort().await;
                         return Err(e);
                     }
                 }
@@ -513,6 +515,14 @@ impl Objects {
     }
 
     fn target(&self, url: &ObjectUrl) -> Result<Target, ObjectError> {
+        // A prefix URL (from ObjectUrl::parse_prefix) names a folder, and these calls move
+        // single objects.
+        if url.key.is_empty() || url.key.ends_with('/') {
+            return Err(ObjectError::Other {
+                url: url.to_string(),
+                message: "names a prefix, not an object".into(),
+            });
+        }
         match &url.location {
             Location::File => {
                 url.local_path()
@@ -614,6 +624,63 @@ fn build_s3(cfg: &S3Config, bucket: &str) -> Result<object_store::aws::AmazonS3,
     builder.build().map_err(|e| ObjectError::Config {
         message: format!("bucket {bucket}: {e}"),
     })
+}
+
+/// Owns a multipart upload until it is finished or aborted. Dropped before either (the caller's
+/// future was cancelled, say by a drain timeout), it aborts the upload in the background, so
+/// the server does not keep the uploaded parts forever.
+struct UploadGuard {
+    writer: Option<WriteMultipart>,
+    url: String,
+}
+
+impl UploadGuard {
+    fn new(writer: WriteMultipart, url: &ObjectUrl) -> Self {
+        UploadGuard {
+            writer: Some(writer),
+            url: url.to_string(),
+        }
+    }
+
+    fn writer(&mut self) -> Option<&mut WriteMultipart> {
+        self.writer.as_mut()
+    }
+
+    async fn finish(mut self) -> Result<(), object_store::Error> {
+        match self.writer.take() {
+            Some(writer) => writer.finish().await.map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    async fn abort(mut self) {
+        if let Some(writer) = self.writer.take() {
+            if let Err(e) = writer.abort().await {
+                tracing::warn!(url = %self.url, error = %e, "aborting multipart upload failed; its parts stay until a bucket lifecycle rule removes them");
+            }
+        }
+    }
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        let url = std::mem::take(&mut self.url);
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    if let Err(e) = writer.abort().await {
+                        tracing::warn!(%url, error = %e, "aborting cancelled multipart upload failed");
+                    }
+                });
+            }
+            Err(_) => {
+                tracing::warn!(%url, "multipart upload dropped outside a runtime; not aborted")
+            }
+        }
+    }
 }
 
 /// Reads the next chunks of `file` into the multipart writer, hashing as it goes.

@@ -96,8 +96,11 @@ pub const PRIORITY: (i32, i32) = (-1000, 1000);
 pub const MAX_IDEMPOTENCY_KEY: usize = 200;
 pub const MAX_ATTEMPTS: (u32, u32) = (1, 20);
 
-/// The ladder presets: `(name, [(rung, width, height, video kbps, audio kbps)])`.
-pub const PRESETS: &[(&str, &[(&str, u32, u32, u32, u32)])] = &[
+/// One rung of a preset: `(name, width, height, video kbps, audio kbps)`.
+pub type PresetRung = (&'static str, u32, u32, u32, u32);
+
+/// The ladder presets by name.
+pub const PRESETS: &[(&str, &[PresetRung])] = &[
     (
         "hd",
         &[

@@ -181,6 +181,22 @@ async fn local_disk_errors_keep_the_io_error() {
     assert!(matches!(err, ObjectError::LocalIo { .. }), "{err:?}");
 }
 
+#[tokio::test]
+async fn prefix_urls_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let objects = Objects::new(ObjectsConfig::default());
+    let prefix =
+        ObjectUrl::parse_prefix(&format!("file://{}/", dir.path().display())).expect("prefix");
+    let err = objects.head(&prefix).await.expect_err("a prefix");
+    assert!(matches!(err, ObjectError::Other { .. }), "{err:?}");
+    let s3_prefix = ObjectUrl::parse_prefix("s3://transcode-test/out/").expect("prefix");
+    let err = objects
+        .put_bytes(&s3_prefix, Bytes::from_static(b"x"))
+        .await
+        .expect_err("a prefix");
+    assert!(matches!(err, ObjectError::Other { .. }), "{err:?}");
+}
+
 // ---------------------------------------------------------------- S3, no server needed
 
 #[tokio::test]
@@ -313,6 +329,9 @@ async fn s3_multipart_round_trip_of_20_mib() {
 
     let info = objects.head(&u).await.expect("head").expect("exists");
     assert_eq!(info.size, data.len() as u64);
+    // S3 marks a multipart object's ETag with its part count: 20 MiB in 8 MiB parts is 3.
+    let etag = info.e_tag.unwrap_or_default();
+    assert!(etag.trim_matches('"').ends_with("-3"), "not multipart? etag {etag}");
 
     let dest = dir.path().join("pulled.bin");
     let down = objects.get_to_file(&u, &dest).await.expect("get_to_file");
@@ -425,9 +444,12 @@ async fn s3_wrong_secret_is_permission_denied() {
 
 // ---------------------------------------------------------------- S3, misbehaving server
 
+/// Builds the raw HTTP response for a request head.
+type Responder = fn(&str) -> Vec<u8>;
+
 /// A loopback HTTP server that answers each request with `respond(request head)`, for at most
 /// `max` connections, then stops. It exists to produce failures a healthy S3 server will not.
-fn fake_server(respond: fn(&str) -> Vec<u8>, max: usize) -> u16 {
+fn fake_server(respond: Responder, max: usize) -> u16 {
     use std::io::Read;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
@@ -471,7 +493,7 @@ fn objects_at(port: u16) -> Objects {
 
 #[tokio::test]
 async fn server_errors_and_throttling_are_transient() {
-    let cases: [(fn(&str) -> Vec<u8>, &str); 3] = [
+    let cases: [(Responder, &str); 3] = [
         (|_| status_only("503 Service Unavailable"), "503"),
         (|_| status_only("500 Internal Server Error"), "500"),
         (|_| status_only("429 Too Many Requests"), "429"),

@@ -193,7 +193,7 @@ async fn claim_and_events_commit_together(s: Arc<dyn Store>) {
         }),
     );
     let t = s
-        .claim(id, &who("w1"), LEASE, &[ev.clone()])
+        .claim(id, &who("w1"), LEASE, std::slice::from_ref(&ev))
         .await
         .expect("claim");
     assert_eq!(t.status, TaskStatus::Running);
@@ -327,6 +327,51 @@ async fn stale_token_is_rejected(s: Arc<dyn Store>) {
         s.renew_lease(id, first.lease_token, LEASE).await,
         Err(StoreError::StaleToken { .. })
     ));
+    let zombie_event = origin().event(
+        None,
+        EventBody::TaskReceived(TaskReceived {
+            worker: "w1".into(),
+            attempt: 1,
+        }),
+    );
+    assert!(matches!(
+        s.update_running(
+            id,
+            first.lease_token,
+            &Patch {
+                progress: Some(50),
+                ..Patch::default()
+            },
+            std::slice::from_ref(&zombie_event)
+        )
+        .await,
+        Err(StoreError::StaleToken { .. })
+    ));
+    s.update_running(
+        id,
+        second.lease_token,
+        &Patch {
+            progress: Some(40),
+            ..Patch::default()
+        },
+        &[],
+    )
+    .await
+    .expect("the holder may record progress");
+    let t = s.get_task(id).await.expect("get");
+    assert_eq!(t.progress, 40);
+    let logged = s
+        .events(&EventFilter {
+            task_id: Some(id),
+            limit: 100,
+            ..EventFilter::default()
+        })
+        .await
+        .expect("events");
+    assert!(
+        logged.iter().all(|e| e.id != zombie_event.id),
+        "a zombie's event must not be logged"
+    );
     assert_eq!(
         s.get_task(id).await.expect("get").status,
         TaskStatus::Running
@@ -428,7 +473,7 @@ async fn state_machine_is_enforced(s: Arc<dyn Store>) {
             Fence::Admin,
             TaskStatus::Succeeded,
             &Patch::default(),
-            &[resolved.clone()],
+            std::slice::from_ref(&resolved),
         )
         .await
     {

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cgroup::Layout;
@@ -257,11 +257,6 @@ pub async fn compute(
             attributes,
         }
     }
-}
-
-/// Whether a path looks like an executable file; used by tests and docs examples.
-pub fn is_executable(p: &Path) -> bool {
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 #[cfg(test)]

@@ -10,3 +10,8 @@ pub mod logging;
 pub mod procfs;
 pub mod proto;
 pub mod shim;
+pub mod status;
+pub mod tasks;
+pub mod driver;
+pub mod base;
+pub mod server;

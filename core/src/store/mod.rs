@@ -134,6 +134,8 @@ pub struct Recovered {
     pub task: Task,
     /// The worker that held it.
     pub lost_worker: Option<String>,
+    /// The `TaskRequeued` event the store appended, for the caller to publish.
+    pub event: Event,
 }
 
 #[async_trait]
@@ -177,6 +179,17 @@ pub trait Store: Send + Sync + 'static {
         token: i64,
         lease: Duration,
     ) -> StoreResult<DateTime<Utc>>;
+
+    /// Records work on a running task without changing its status (progress, step events).
+    /// The token is the fence: a worker whose task was requeued gets `StaleToken`, and its
+    /// events are not written.
+    async fn update_running(
+        &self,
+        id: TaskId,
+        token: i64,
+        patch: &Patch,
+        events: &[Event],
+    ) -> StoreResult<()>;
 
     /// Moves a task to `to`, checked against the state machine and the fence, and appends
     /// `events` in the same transaction. Leaving `running` clears the lease.

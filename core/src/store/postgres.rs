@@ -268,12 +268,14 @@ async fn recover_row(
         Patch::default()
     };
     write_status(tx, &incomplete, to, &patch).await?;
+    let event = recovery_event(origin, &incomplete, to, reason);
     let mut all = events.to_vec();
-    all.push(recovery_event(origin, &incomplete, to, reason));
+    all.push(event.clone());
     insert_events(tx, &all, Some(task.id)).await?;
     Ok(Recovered {
         task: load(tx, task.id, false).await?,
         lost_worker,
+        event,
     })
 }
 
@@ -526,6 +528,32 @@ impl Store for PgStore {
                 })
             }
         }
+    }
+
+    async fn update_running(
+        &self,
+        id: TaskId,
+        token: i64,
+        patch: &Patch,
+        events: &[Event],
+    ) -> StoreResult<()> {
+        let progress = patch.progress.map(i16::from);
+        in_tx!(self, |tx| {
+            // The fenced UPDATE locks the row, so events cannot slip in after a requeue.
+            let n = tx
+                .execute(
+                    "UPDATE tasks SET progress = COALESCE($3, progress), updated_at = now() \
+                     WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+                    &[&id, &token, &progress],
+                )
+                .await
+                .map_err(pg)?;
+            if n == 0 {
+                let task = load(&tx, id, false).await?;
+                check_fence(&task, Fence::Token(token))?;
+            }
+            insert_events(&tx, events, Some(id)).await?;
+        })
     }
 
     async fn transition(

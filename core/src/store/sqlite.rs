@@ -274,12 +274,14 @@ fn recover_row(
         Patch::default()
     };
     write_status(tx, &incomplete, to, &patch, now)?;
+    let event = recovery_event(origin, &incomplete, to, reason);
     let mut all = events.to_vec();
-    all.push(recovery_event(origin, &incomplete, to, reason));
+    all.push(event.clone());
     insert_events(tx, &all, Some(task.id))?;
     Ok(Recovered {
         task: load(tx, task.id)?,
         lost_worker,
+        event,
     })
 }
 
@@ -485,6 +487,28 @@ impl Store for SqliteStore {
             )
             .map_err(backend)?;
             from_micros(until)
+        })
+        .await
+    }
+
+    async fn update_running(
+        &self,
+        id: TaskId,
+        token: i64,
+        patch: &Patch,
+        events: &[Event],
+    ) -> StoreResult<()> {
+        let patch = patch.clone();
+        let events = events.to_vec();
+        self.write(move |tx| {
+            let task = load(tx, id)?;
+            check_fence(&task, Fence::Token(token))?;
+            tx.execute(
+                "UPDATE tasks SET progress = COALESCE(?2, progress), updated_at = ?3 WHERE id = ?1",
+                params![id.to_string(), patch.progress.map(i64::from), micros(Utc::now())],
+            )
+            .map_err(backend)?;
+            insert_events(tx, &events, Some(id))
         })
         .await
     }

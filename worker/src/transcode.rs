@@ -1,0 +1,1 @@
+//! The GStreamer transcoder. Being written.
