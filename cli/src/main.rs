@@ -2,6 +2,8 @@
 //! embedded SQLite file by default) and prints either tables for people or JSON for scripts.
 //! Errors are one line on stderr with a documented exit code (docs/cli.md).
 
+mod dev;
+mod follow;
 mod output;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -22,6 +24,7 @@ mod exit {
     pub const NOT_FOUND: u8 = 4;
     pub const UNAVAILABLE: u8 = 5;
     pub const CONFLICT: u8 = 6;
+    pub const TASK_FAILED: u8 = 7;
 }
 
 #[derive(Parser)]
@@ -57,6 +60,8 @@ enum Command {
     },
     /// Read the event log.
     Events(EventsArgs),
+    /// Run a local cluster (scaler + workers) on embedded defaults; --demo transcodes a clip.
+    Dev(DevCmd),
     /// Cancel a queued, running or escalated task.
     Cancel {
         id: TaskId,
@@ -68,6 +73,20 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         spec: Option<PathBuf>,
     },
+}
+
+#[derive(Args)]
+struct DevCmd {
+    /// Folder for the database, objects, scratch space and logs.
+    #[arg(long, default_value = ".transcode/dev")]
+    dir: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    workers: u32,
+    #[arg(long, default_value_t = 2)]
+    slots: u32,
+    /// Make a test clip, transcode it with the hd ladder, show the events and the outputs.
+    #[arg(long)]
+    demo: bool,
 }
 
 #[derive(Args)]
@@ -99,6 +118,13 @@ struct SubmitArgs {
     /// Print the task as JSON instead of its id.
     #[arg(long)]
     json: bool,
+    /// Submit through the scaler's intake (dispatched at once) instead of writing the row
+    /// directly (picked up by the scaler's next scan).
+    #[arg(long)]
+    intake: bool,
+    /// Submit through the intake and follow the task until it ends; exit 0 only on success.
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Args)]
@@ -128,6 +154,9 @@ struct EventsArgs {
     limit: u32,
     #[arg(long)]
     json: bool,
+    /// Stream events from the bus as they happen instead of reading the log.
+    #[arg(long)]
+    follow: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -172,6 +201,20 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         }
         if cause.is::<serde_json::Error>() {
             return exit::INVALID_INPUT;
+        }
+        if let Some(r) = cause.downcast_ref::<follow::IntakeRefused>() {
+            return match r.code.as_str() {
+                "not_found" => exit::NOT_FOUND,
+                "unavailable" => exit::UNAVAILABLE,
+                "not_queued" => exit::CONFLICT,
+                _ => exit::INVALID_INPUT,
+            };
+        }
+        if cause.is::<TaskEnded>() {
+            return exit::TASK_FAILED;
+        }
+        if cause.is::<transcode_core::bus::BusError>() {
+            return exit::UNAVAILABLE;
         }
     }
     exit::FAILURE
@@ -237,6 +280,73 @@ async fn run(cli: Cli) -> Result<()> {
             }
             println!("config ok (store {})", redact(&cfg.store.url));
         }
+        Command::Dev(d) => {
+            let store_url =
+                if cli.store.is_some() || std::env::var_os("TRANSCODE_STORE_URL").is_some() {
+                    cfg.store.url.clone()
+                } else {
+                    format!(
+                        "sqlite://{}",
+                        std::path::absolute(&d.dir)?.join("transcode.db").display()
+                    )
+                };
+            dev::run(dev::DevArgs {
+                dir: d.dir,
+                workers: d.workers.max(1),
+                slots: d.slots.max(1),
+                demo: d.demo,
+                store_url,
+                intake: cfg.scaler.intake.clone(),
+                dispatch: cfg.scaler.dispatch.clone(),
+                events_pub: cfg.scaler.events_pub.clone(),
+                events_sub: cfg.scaler.events_sub.clone(),
+                http: cfg.scaler.http.clone(),
+                config: cli.config.clone(),
+            })
+            .await?;
+        }
+        Command::Submit(args) if args.intake || args.wait => {
+            let spec = build_spec(&args)?;
+            spec.validate()?;
+            let payload =
+                serde_json::to_vec(&serde_json::json!({"v": 1, "op": "submit", "spec": spec}))?;
+            let store = if args.wait {
+                Some(open_store(&cfg).await?)
+            } else {
+                None
+            };
+            let sub = if args.wait {
+                Some(follow::subscribe(&cfg.scaler.events_pub)?)
+            } else {
+                None
+            };
+            let (id, created) = follow::submit_via_intake(&cfg.scaler.intake, payload).await?;
+            if !created {
+                eprintln!("transcode: note: idempotency key matched existing task {id}");
+            }
+            if let (Some(store), Some(sub)) = (store, sub) {
+                eprintln!("{id}: submitted; waiting");
+                let t = follow::wait_for_task(store, sub, id, false).await?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&t)?);
+                } else {
+                    println!("{} {}", t.id, t.status);
+                }
+                if t.status != TaskStatus::Succeeded {
+                    bail!(TaskEnded {
+                        id,
+                        status: t.status,
+                        error: format!(
+                            "{} {}",
+                            t.error_code.unwrap_or_default(),
+                            t.error_message.unwrap_or_default()
+                        ),
+                    });
+                }
+            } else {
+                println!("{id}");
+            }
+        }
         Command::Submit(args) => {
             let spec = build_spec(&args)?;
             // Validate before connecting, so a bad spec never needs (or touches) the store.
@@ -297,6 +407,14 @@ async fn run(cli: Cli) -> Result<()> {
                 print!("{}", output::task_details(&task, &events));
             }
         }
+        Command::Events(args) if args.follow => {
+            follow::follow_bus(
+                &cfg.scaler.events_pub,
+                args.event_type.map(|t| t.to_string()),
+                args.json,
+            )
+            .await?;
+        }
         Command::Events(args) => {
             let store = open_store(&cfg).await?;
             let events = store
@@ -346,6 +464,15 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A followed task ended in a status other than `succeeded`.
+#[derive(Debug, thiserror::Error)]
+#[error("task {id} ended {status}: {error}")]
+struct TaskEnded {
+    id: TaskId,
+    status: TaskStatus,
+    error: String,
 }
 
 fn read_spec(path: &std::path::Path) -> Result<TaskSpec> {

@@ -26,6 +26,8 @@ pub enum BusError {
     Socket(#[from] zmq::Error),
     #[error("thread: {0}")]
     Thread(String),
+    #[error("bad reply: {0}")]
+    BadReply(String),
 }
 
 /// Linger on close: long enough to flush a final reply, short enough that a drop never hangs.
@@ -97,7 +99,9 @@ impl SocketHandle {
 
     /// Stops the threads and waits for them (the socket closes with its linger).
     pub fn close(self) {
-        let SocketHandle { tx, rx, threads, .. } = self;
+        let SocketHandle {
+            tx, rx, threads, ..
+        } = self;
         drop(tx);
         drop(rx);
         for t in threads {
@@ -371,7 +375,10 @@ mod tests {
         let o = Origin::new("w", "n");
         let wanted = o.event(
             None,
-            EventBody::TaskReceived(TaskReceived { worker: "w".into(), attempt: 1 }),
+            EventBody::TaskReceived(TaskReceived {
+                worker: "w".into(),
+                attempt: 1,
+            }),
         );
         let other = o.event(
             None,
@@ -426,4 +433,36 @@ mod tests {
         d.close();
         r.close();
     }
+}
+
+/// One request/reply on the scaler's intake from a short-lived client (the CLI): a REQ socket
+/// with send and receive timeouts, so an absent scaler is an error after `timeout`, not a hang.
+/// Blocking: call it from `spawn_blocking`.
+pub fn intake_request(
+    ctx: &zmq::Context,
+    endpoint: &str,
+    payload: &[u8],
+    timeout: std::time::Duration,
+) -> Result<crate::protocol::IntakeReply, BusError> {
+    let s = socket(ctx, zmq::REQ)?;
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    s.set_rcvtimeo(ms)?;
+    s.set_sndtimeo(ms)?;
+    s.set_linger(0)?;
+    connect(&s, endpoint)?;
+    s.send(payload, 0).map_err(|source| BusError::Zmq {
+        op: "send to",
+        endpoint: endpoint.to_string(),
+        source,
+    })?;
+    let reply = s.recv_bytes(0).map_err(|source| BusError::Zmq {
+        op: "receive from",
+        endpoint: endpoint.to_string(),
+        source,
+    })?;
+    serde_json::from_slice(&reply).map_err(|e| {
+        BusError::BadReply(format!(
+            "intake answered with something that is not a reply: {e}"
+        ))
+    })
 }

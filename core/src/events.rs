@@ -110,7 +110,6 @@ pub struct TaskReceived {
 pub struct TaskDetailsRetrieved {
     pub worker: String,
     pub attempt: u32,
-    pub lease_token: i64,
     pub source: String,
     pub renditions: Vec<String>,
 }
@@ -441,7 +440,6 @@ mod tests {
             EventBody::TaskDetailsRetrieved(TaskDetailsRetrieved {
                 worker: "w1".into(),
                 attempt: 1,
-                lease_token: 7,
                 source: "s3://media/a.mp4".into(),
                 renditions: vec!["720p".into()],
             }),

@@ -30,7 +30,9 @@ async fn health(State(s): State<AppState>) -> impl IntoResponse {
     };
     (
         code,
-        Json(serde_json::json!({"status": if ok { "ok" } else { "unhealthy" }, "details": details})),
+        Json(
+            serde_json::json!({"status": if ok { "ok" } else { "unhealthy" }, "details": details}),
+        ),
     )
 }
 

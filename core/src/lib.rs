@@ -7,6 +7,7 @@ pub mod bus;
 pub mod config;
 pub mod events;
 pub mod http;
+pub mod manifest;
 pub mod metrics;
 pub mod objects;
 pub mod protocol;

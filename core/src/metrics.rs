@@ -124,15 +124,24 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let r = Registry::new();
-        r.describe("transcode_frames_rejected_total", Kind::Counter, "Frames refused.");
-        r.inc("transcode_frames_rejected_total", &[("socket", "intake"), ("code", "malformed")]);
-        r.inc("transcode_frames_rejected_total", &[("socket", "intake"), ("code", "malformed")]);
+        r.describe(
+            "transcode_frames_rejected_total",
+            Kind::Counter,
+            "Frames refused.",
+        );
+        r.inc(
+            "transcode_frames_rejected_total",
+            &[("socket", "intake"), ("code", "malformed")],
+        );
+        r.inc(
+            "transcode_frames_rejected_total",
+            &[("socket", "intake"), ("code", "malformed")],
+        );
         r.set("transcode_workers", &[], 3.0);
         let text = r.render();
         assert!(text.contains("# TYPE transcode_frames_rejected_total counter"));
-        assert!(text.contains(
-            "transcode_frames_rejected_total{socket=\"intake\",code=\"malformed\"} 2"
-        ));
+        assert!(text
+            .contains("transcode_frames_rejected_total{socket=\"intake\",code=\"malformed\"} 2"));
         assert!(text.contains("transcode_workers 3"));
         assert_eq!(r.get("transcode_workers", &[]), Some(3.0));
         r.set("g", &[("l", "a\"b")], 1.0);

@@ -130,11 +130,17 @@ pub enum WorkerFrame {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum DispatcherFrame {
-    Task { task_id: TaskId, attempt: u32 },
+    Task {
+        task_id: TaskId,
+        attempt: u32,
+    },
     /// Stop taking work: finish what is running, then leave.
     Drain,
     /// The last frame from this worker was refused.
-    Error { code: String, message: String },
+    Error {
+        code: String,
+        message: String,
+    },
 }
 
 #[derive(Serialize)]
@@ -154,7 +160,10 @@ pub fn encode<T: Serialize>(frame: &T) -> Vec<u8> {
 }
 
 /// Parses the JSON object of a frame and checks size and version; returns the object.
-fn object(bytes: &[u8], max: usize) -> Result<serde_json::Map<String, serde_json::Value>, FrameError> {
+fn object(
+    bytes: &[u8],
+    max: usize,
+) -> Result<serde_json::Map<String, serde_json::Value>, FrameError> {
     if bytes.len() > max {
         return Err(FrameError::Oversized {
             size: bytes.len(),
@@ -247,7 +256,10 @@ mod tests {
         assert_eq!(parse_intake(f.as_bytes()), Ok(IntakeRequest::SubmitId(id)));
         let s = br#"{"v":1,"op":"submit","spec":{"source":"s3://media/a.mp4","output":"s3://media/o/","preset":"hd"}}"#;
         assert!(matches!(parse_intake(s), Ok(IntakeRequest::SubmitSpec(_))));
-        assert_eq!(parse_intake(br#"{"v":1,"op":"ping"}"#), Ok(IntakeRequest::Ping));
+        assert_eq!(
+            parse_intake(br#"{"v":1,"op":"ping"}"#),
+            Ok(IntakeRequest::Ping)
+        );
     }
 
     #[test]
@@ -279,9 +291,16 @@ mod tests {
     fn dispatch_frames_round_trip() {
         let id = uuid::Uuid::now_v7();
         let frames = [
-            WorkerFrame::Hello { worker: "w1".into(), node: "n".into(), slots: 4 },
+            WorkerFrame::Hello {
+                worker: "w1".into(),
+                node: "n".into(),
+                slots: 4,
+            },
             WorkerFrame::Ready { credits: 4 },
-            WorkerFrame::Done { task_id: id, outcome: "succeeded".into() },
+            WorkerFrame::Done {
+                task_id: id,
+                outcome: "succeeded".into(),
+            },
             WorkerFrame::Ping,
             WorkerFrame::Bye,
         ];
@@ -291,17 +310,38 @@ mod tests {
             assert!(text.contains(r#""v":1"#), "{text}");
             assert_eq!(parse_worker(&bytes), Ok(f));
         }
-        let t = DispatcherFrame::Task { task_id: id, attempt: 2 };
+        let t = DispatcherFrame::Task {
+            task_id: id,
+            attempt: 2,
+        };
         assert_eq!(parse_dispatcher(&encode(&t)), Ok(t));
-        assert_eq!(parse_dispatcher(&encode(&DispatcherFrame::Drain)), Ok(DispatcherFrame::Drain));
+        assert_eq!(
+            parse_dispatcher(&encode(&DispatcherFrame::Drain)),
+            Ok(DispatcherFrame::Drain)
+        );
     }
 
     #[test]
     fn dispatch_refusals() {
-        assert_eq!(parse_worker(br#"{"v":1,"op":"steal"}"#).map_err(|e| e.code()), Err("unknown_op"));
-        assert_eq!(parse_worker(br#"{"v":1,"op":"ready"}"#).map_err(|e| e.code()), Err("invalid"));
-        assert_eq!(parse_worker(br#"{"v":1,"op":"ready","credits":-1}"#).map_err(|e| e.code()), Err("invalid"));
-        assert_eq!(parse_worker(br#"{"op":"ping"}"#).map_err(|e| e.code()), Err("invalid"));
-        assert_eq!(parse_worker(&vec![b'x'; MAX_DISPATCH_FRAME + 1]).map_err(|e| e.code()), Err("oversized"));
+        assert_eq!(
+            parse_worker(br#"{"v":1,"op":"steal"}"#).map_err(|e| e.code()),
+            Err("unknown_op")
+        );
+        assert_eq!(
+            parse_worker(br#"{"v":1,"op":"ready"}"#).map_err(|e| e.code()),
+            Err("invalid")
+        );
+        assert_eq!(
+            parse_worker(br#"{"v":1,"op":"ready","credits":-1}"#).map_err(|e| e.code()),
+            Err("invalid")
+        );
+        assert_eq!(
+            parse_worker(br#"{"op":"ping"}"#).map_err(|e| e.code()),
+            Err("invalid")
+        );
+        assert_eq!(
+            parse_worker(&vec![b'x'; MAX_DISPATCH_FRAME + 1]).map_err(|e| e.code()),
+            Err("oversized")
+        );
     }
 }

@@ -331,7 +331,10 @@ async fn s3_multipart_round_trip_of_20_mib() {
     assert_eq!(info.size, data.len() as u64);
     // S3 marks a multipart object's ETag with its part count: 20 MiB in 8 MiB parts is 3.
     let etag = info.e_tag.unwrap_or_default();
-    assert!(etag.trim_matches('"').ends_with("-3"), "not multipart? etag {etag}");
+    assert!(
+        etag.trim_matches('"').ends_with("-3"),
+        "not multipart? etag {etag}"
+    );
 
     let dest = dir.path().join("pulled.bin");
     let down = objects.get_to_file(&u, &dest).await.expect("get_to_file");

@@ -171,7 +171,10 @@ impl Layout {
 
     /// Checks that a task cgroup could be created here, without keeping it.
     pub fn probe_writable(&self, parent: &str) -> Result<(), CgroupError> {
-        let name = format!("probe-{}", std::process::id());
+        // Unique per call: two fingerprint streams may probe at the same moment.
+        static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("probe-{}-{n}", std::process::id());
         let cg = self.create(parent, &name, &Limits::default())?;
         cg.remove()
     }

@@ -219,26 +219,86 @@ fn validate_cgroup_parent(p: &str) -> Result<(), ConfigError> {
 
 // ---- task config ----
 
-/// A task's `config {}` block, after validation.
+/// The worker's environment overrides the driver sets. The worker (`core/src/config.rs`,
+/// `Config::keys()`) reads `TRANSCODE_<SECTION>_<KEY>` and refuses unknown names inside a known
+/// section, so these must be spelled exactly as its schema spells them: a wrong name is not
+/// ignored, it stops the worker at start with a config error.
+pub mod worker_env {
+    /// `scaler.dispatch`: the scaler's dispatch endpoint (ZeroMQ ROUTER).
+    pub const SCALER_DISPATCH: &str = "TRANSCODE_SCALER_DISPATCH";
+    /// `scaler.events_sub`: the scaler's XSUB endpoint, where workers publish events.
+    pub const SCALER_EVENTS_SUB: &str = "TRANSCODE_SCALER_EVENTS_SUB";
+    /// `store.url`.
+    pub const STORE_URL: &str = "TRANSCODE_STORE_URL";
+    /// `objects.s3.endpoint`.
+    pub const S3_ENDPOINT: &str = "TRANSCODE_OBJECTS_S3_ENDPOINT";
+    /// `objects.s3.region`.
+    pub const S3_REGION: &str = "TRANSCODE_OBJECTS_S3_REGION";
+    /// `worker.id`.
+    pub const WORKER_ID: &str = "TRANSCODE_WORKER_ID";
+    /// `worker.node`.
+    pub const WORKER_NODE: &str = "TRANSCODE_WORKER_NODE";
+    /// `worker.slots`.
+    pub const WORKER_SLOTS: &str = "TRANSCODE_WORKER_SLOTS";
+    /// `worker.drain_timeout_seconds`: whole seconds.
+    pub const WORKER_DRAIN_TIMEOUT_SECONDS: &str = "TRANSCODE_WORKER_DRAIN_TIMEOUT_SECONDS";
+}
+
+/// A task's `config {}` block, after validation. Each setting is one key of the worker's own
+/// configuration; [`TaskSettings::worker_invocation`] passes them as its env overrides.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskSettings {
+    /// The scaler's dispatch endpoint (`scaler.dispatch`).
     pub scaler_address: Option<String>,
+    /// The scaler's XSUB endpoint for events (`scaler.events_sub`); unset leaves the worker's
+    /// own value (config file or its built-in default).
+    pub events_address: Option<String>,
     pub store_url: Option<String>,
-    pub objects_url: Option<String>,
+    /// S3 endpoint for s3:// URLs in task specs; unset means AWS, or the task's `AWS_*` env.
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
     pub config_file: Option<PathBuf>,
     pub slots: u32,
+    /// Unset: Nomad's node name (see [`WorkerIdentity`]).
     pub node_label: Option<String>,
     pub args: Vec<String>,
     pub drain_timeout: Duration,
-    /// Kept in the textual form the user wrote, to hand to the worker unchanged.
-    pub drain_timeout_text: String,
+}
+
+/// What the driver knows about a task from Nomad's TaskConfig, beyond the `config {}` block.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerIdentity<'a> {
+    pub alloc_id: &'a str,
+    pub task_name: &'a str,
+    pub node_name: &'a str,
+}
+
+impl WorkerIdentity<'_> {
+    /// `<first 8 characters of the alloc id>-<task name>`, Nomad's own short alloc id. It is
+    /// stable across restarts of the task within its allocation, so the scaler sees a
+    /// restarted worker as the same member instead of a new one plus a dead one. `None` when
+    /// Nomad gave no alloc id: then the worker's own (unique, per process) id is better than
+    /// one that could collide across allocations.
+    pub fn worker_id(&self) -> Option<String> {
+        if self.alloc_id.is_empty() {
+            return None;
+        }
+        let short: String = self.alloc_id.chars().take(8).collect();
+        Some(if self.task_name.is_empty() {
+            short
+        } else {
+            format!("{short}-{}", self.task_name)
+        })
+    }
 }
 
 pub fn task_schema() -> Spec {
     object(vec![
         ("scaler_address", attr("scaler_address", "string", false)),
+        ("events_address", attr("events_address", "string", false)),
         ("store_url", attr("store_url", "string", false)),
-        ("objects_url", attr("objects_url", "string", false)),
+        ("s3_endpoint", attr("s3_endpoint", "string", false)),
+        ("s3_region", attr("s3_region", "string", false)),
         ("config_file", attr("config_file", "string", false)),
         ("slots", with_default(attr("slots", "number", false), "1")),
         ("node_label", attr("node_label", "string", false)),
@@ -251,6 +311,38 @@ pub fn task_schema() -> Spec {
 }
 
 pub const MAX_SLOTS: i64 = 64;
+/// The worker's `drain_timeout_seconds` is a u32 in its schema.
+const MAX_DRAIN_SECONDS: u64 = u32::MAX as u64;
+
+/// ZeroMQ endpoints a worker in another process can reach. The worker also accepts
+/// `inproc://`, which only works inside one process, so it is refused here.
+const ZMQ_SCHEMES: &[&str] = &["tcp://", "ipc://"];
+const STORE_SCHEMES: &[&str] = &["postgres://", "postgresql://", "sqlite://"];
+const S3_ENDPOINT_SCHEMES: &[&str] = &["http://", "https://"];
+
+/// Checks a URL's scheme the way the worker's schema does (a known prefix and something after
+/// it), so a bad value fails StartTask with the field name rather than the worker at start.
+fn check_scheme(
+    field: &'static str,
+    value: Option<&String>,
+    schemes: &[&str],
+    example: &str,
+) -> Result<(), ConfigError> {
+    let Some(v) = value else { return Ok(()) };
+    if schemes
+        .iter()
+        .any(|p| v.starts_with(p) && v.len() > p.len())
+    {
+        return Ok(());
+    }
+    Err(invalid(
+        field,
+        format!(
+            "{v:?} must start with {} (e.g. {example:?})",
+            schemes.join(" or ")
+        ),
+    ))
+}
 
 impl TaskSettings {
     /// Decodes and validates a task's config block. `default_config_file` is the plugin's,
@@ -262,8 +354,10 @@ impl TaskSettings {
         let o = Object::decode(bytes)?;
         let nonempty = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
         let scaler_address = nonempty(o.string("scaler_address")?);
+        let events_address = nonempty(o.string("events_address")?);
         let store_url = nonempty(o.string("store_url")?);
-        let objects_url = nonempty(o.string("objects_url")?);
+        let s3_endpoint = nonempty(o.string("s3_endpoint")?);
+        let s3_region = nonempty(o.string("s3_region")?);
         let config_file = nonempty(o.string("config_file")?).map(PathBuf::from);
         let slots = o.integer("slots")?.unwrap_or(1);
         if !(1..=MAX_SLOTS).contains(&slots) {
@@ -279,6 +373,12 @@ impl TaskSettings {
             .unwrap_or_else(|| "30s".to_owned());
         let drain_timeout =
             parse_go_duration(&drain_timeout_text).map_err(|e| invalid("drain_timeout", e))?;
+        if whole_seconds_up(drain_timeout) > MAX_DRAIN_SECONDS {
+            return Err(invalid(
+                "drain_timeout",
+                format!("{drain_timeout_text:?} is longer than the worker accepts ({MAX_DRAIN_SECONDS}s)"),
+            ));
+        }
 
         if let Some(p) = &config_file {
             if !p.is_absolute() {
@@ -291,97 +391,113 @@ impl TaskSettings {
                 ));
             }
         }
+        // Without a file the worker would fall back to its embedded defaults (a local SQLite
+        // file and a scaler on 127.0.0.1), which is never what a Nomad job means.
         let has_file = config_file.is_some() || default_config_file.is_some();
-        match (&store_url, &objects_url) {
-            (Some(_), None) => {
-                return Err(invalid(
-                    "objects_url",
-                    "is required when store_url is set (e.g. \"s3://media/\" or \"file:///srv/media\")",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "store_url",
-                    "is required when objects_url is set (e.g. \"postgres://user@db/transcode\")",
-                ))
-            }
-            (None, None) if !has_file => {
-                return Err(invalid(
-                    "store_url",
-                    "set store_url and objects_url, or config_file (or the plugin's default_config_file)",
-                ))
-            }
-            _ => {}
+        if store_url.is_none() && !has_file {
+            return Err(invalid(
+                "store_url",
+                "is required unless a config_file (or the plugin's default_config_file) provides it \
+                 (e.g. \"postgres://transcode@db.service.consul/transcode\")",
+            ));
         }
         if scaler_address.is_none() && !has_file {
             return Err(invalid(
                 "scaler_address",
-                "is required unless a config_file provides it (e.g. \"tcp://scaler.service.consul:5571\")",
+                "is required unless a config_file (or the plugin's default_config_file) provides it \
+                 (e.g. \"tcp://scaler.service.consul:5571\")",
             ));
         }
-        if let Some(u) = &store_url {
-            let ok = ["postgres://", "postgresql://", "sqlite://"]
-                .iter()
-                .any(|p| u.starts_with(p));
-            if !ok {
-                return Err(invalid(
-                    "store_url",
-                    format!("{u:?} must start with postgres://, postgresql:// or sqlite://"),
-                ));
-            }
-        }
-        if let Some(u) = &objects_url {
-            if !(u.starts_with("s3://") || u.starts_with("file://")) {
-                return Err(invalid(
-                    "objects_url",
-                    format!("{u:?} must start with s3:// or file://"),
-                ));
-            }
-        }
+        check_scheme(
+            "scaler_address",
+            scaler_address.as_ref(),
+            ZMQ_SCHEMES,
+            "tcp://scaler.service.consul:5571",
+        )?;
+        check_scheme(
+            "events_address",
+            events_address.as_ref(),
+            ZMQ_SCHEMES,
+            "tcp://scaler.service.consul:5573",
+        )?;
+        check_scheme(
+            "store_url",
+            store_url.as_ref(),
+            STORE_SCHEMES,
+            "postgres://transcode@db.service.consul/transcode",
+        )?;
+        check_scheme(
+            "s3_endpoint",
+            s3_endpoint.as_ref(),
+            S3_ENDPOINT_SCHEMES,
+            "http://minio.service.consul:9000",
+        )?;
         Ok(Self {
             scaler_address,
+            events_address,
             store_url,
-            objects_url,
+            s3_endpoint,
+            s3_region,
             config_file,
             slots: slots as u32,
             node_label,
             args,
             drain_timeout,
-            drain_timeout_text,
         })
     }
 
+    /// The drain timeout as the worker takes it: whole seconds, rounded up so the worker never
+    /// gets less time than the job asked for.
+    pub fn drain_timeout_seconds(&self) -> u64 {
+        whole_seconds_up(self.drain_timeout)
+    }
+
     /// The worker's argv after the binary, and the environment it adds on top of the task's.
-    /// The worker reads `TRANSCODE_*` variables as overrides of its config file (see
-    /// docs/driver.md), so typed settings travel as environment, and only `--config` and the
-    /// user's extra args are flags.
+    /// Typed settings travel as the worker's `TRANSCODE_<SECTION>_<KEY>` overrides (which win
+    /// over its config file); only `--config` and the user's extra args are flags, so `args`
+    /// can still override anything with the worker's own flags. Credentials are never part of
+    /// this: the worker reads them from the task's `AWS_*` env, which Nomad can fill from
+    /// Vault, whereas a task config is readable by anyone who can read the job.
     pub fn worker_invocation(
         &self,
         default_config_file: Option<&Path>,
+        who: WorkerIdentity<'_>,
     ) -> (Vec<String>, Vec<(String, String)>) {
+        use worker_env as w;
         let mut args = Vec::new();
         if let Some(f) = self.config_file.as_deref().or(default_config_file) {
             args.push("--config".to_owned());
             args.push(f.display().to_string());
         }
         args.extend(self.args.iter().cloned());
+        let node = self
+            .node_label
+            .clone()
+            .or_else(|| (!who.node_name.is_empty()).then(|| who.node_name.to_owned()));
         let mut env = Vec::new();
-        let mut put = |k: &str, v: Option<&String>| {
+        let mut put = |k: &str, v: Option<String>| {
             if let Some(v) = v {
-                env.push((k.to_owned(), v.clone()));
+                env.push((k.to_owned(), v));
             }
         };
-        put("TRANSCODE_SCALER_ADDRESS", self.scaler_address.as_ref());
-        put("TRANSCODE_STORE_URL", self.store_url.as_ref());
-        put("TRANSCODE_OBJECTS_URL", self.objects_url.as_ref());
-        put("TRANSCODE_NODE", self.node_label.as_ref());
-        env.push(("TRANSCODE_SLOTS".into(), self.slots.to_string()));
-        env.push((
-            "TRANSCODE_DRAIN_TIMEOUT".into(),
-            self.drain_timeout_text.clone(),
-        ));
+        put(w::SCALER_DISPATCH, self.scaler_address.clone());
+        put(w::SCALER_EVENTS_SUB, self.events_address.clone());
+        put(w::STORE_URL, self.store_url.clone());
+        put(w::S3_ENDPOINT, self.s3_endpoint.clone());
+        put(w::S3_REGION, self.s3_region.clone());
+        put(w::WORKER_ID, who.worker_id());
+        put(w::WORKER_NODE, node);
+        put(w::WORKER_SLOTS, Some(self.slots.to_string()));
+        put(
+            w::WORKER_DRAIN_TIMEOUT_SECONDS,
+            Some(self.drain_timeout_seconds().to_string()),
+        );
         (args, env)
     }
+}
+
+fn whole_seconds_up(d: Duration) -> u64 {
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
 /// Parses Go's `time.ParseDuration` syntax ("1.5s", "2m30s", "300ms"), the form Nomad users
@@ -482,47 +598,192 @@ mod tests {
         assert!(PluginConfig::from_msgpack(&bad).is_err());
     }
 
+    fn task(pairs: &[(&str, Value)]) -> Result<TaskSettings, ConfigError> {
+        TaskSettings::from_msgpack(&encode(pairs), None)
+    }
+
+    fn field_of(e: &ConfigError) -> &'static str {
+        match e {
+            ConfigError::Invalid { field, .. } => field,
+            ConfigError::Cty(_) => "cty",
+        }
+    }
+
+    const WHO: WorkerIdentity<'static> = WorkerIdentity {
+        alloc_id: "3f2a9c1e-5b7d-4e0a-9c3b-1d2e3f4a5b6c",
+        task_name: "worker",
+        node_name: "client-7",
+    };
+
     #[test]
-    fn task_settings_validation() {
+    fn task_settings_map_to_the_workers_env_names() {
         let ok = encode(&[
             ("scaler_address", Value::from("tcp://s:5571")),
+            ("events_address", Value::from("tcp://s:5573")),
             ("store_url", Value::from("postgres://db/t")),
-            ("objects_url", Value::from("s3://media/")),
+            ("s3_endpoint", Value::from("http://minio:9000")),
+            ("s3_region", Value::from("eu-west-1")),
             ("slots", Value::from(2)),
+            ("node_label", Value::from("edge-1")),
             ("args", Value::Array(vec![Value::from("--verbose")])),
             ("drain_timeout", Value::from("45s")),
         ]);
         let t = TaskSettings::from_msgpack(&ok, None).expect("valid");
         assert_eq!(t.slots, 2);
         assert_eq!(t.drain_timeout, Duration::from_secs(45));
-        let (args, env) = t.worker_invocation(None);
+        let (args, env) = t.worker_invocation(None, WHO);
         assert_eq!(args, vec!["--verbose"]);
-        assert!(env.contains(&("TRANSCODE_SLOTS".into(), "2".into())));
-        assert!(env.contains(&("TRANSCODE_SCALER_ADDRESS".into(), "tcp://s:5571".into())));
+        let want: Vec<(String, String)> = [
+            ("TRANSCODE_SCALER_DISPATCH", "tcp://s:5571"),
+            ("TRANSCODE_SCALER_EVENTS_SUB", "tcp://s:5573"),
+            ("TRANSCODE_STORE_URL", "postgres://db/t"),
+            ("TRANSCODE_OBJECTS_S3_ENDPOINT", "http://minio:9000"),
+            ("TRANSCODE_OBJECTS_S3_REGION", "eu-west-1"),
+            ("TRANSCODE_WORKER_ID", "3f2a9c1e-worker"),
+            ("TRANSCODE_WORKER_NODE", "edge-1"),
+            ("TRANSCODE_WORKER_SLOTS", "2"),
+            ("TRANSCODE_WORKER_DRAIN_TIMEOUT_SECONDS", "45"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        assert_eq!(env, want, "exact names: the worker rejects unknown ones");
+    }
 
-        let missing_objects = encode(&[
+    #[test]
+    fn optional_settings_are_left_to_the_worker() {
+        let t = task(&[
+            ("scaler_address", Value::from("tcp://s:5571")),
+            ("store_url", Value::from("sqlite:///var/lib/t.db")),
+        ])
+        .expect("valid");
+        let (_, env) = t.worker_invocation(None, WHO);
+        let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+        for absent in [
+            "TRANSCODE_SCALER_EVENTS_SUB",
+            "TRANSCODE_OBJECTS_S3_ENDPOINT",
+            "TRANSCODE_OBJECTS_S3_REGION",
+        ] {
+            assert!(!names.contains(&absent), "{absent} set without a value");
+        }
+        // Defaults: one slot, 30 s, and Nomad's node name as the node.
+        assert!(env.contains(&("TRANSCODE_WORKER_SLOTS".into(), "1".into())));
+        assert!(env.contains(&("TRANSCODE_WORKER_DRAIN_TIMEOUT_SECONDS".into(), "30".into())));
+        assert!(env.contains(&("TRANSCODE_WORKER_NODE".into(), "client-7".into())));
+        // No node name from Nomad and no label: the worker falls back to the host name.
+        let (_, env) = t.worker_invocation(
+            None,
+            WorkerIdentity {
+                node_name: "",
+                ..WHO
+            },
+        );
+        assert!(!env.iter().any(|(k, _)| k == "TRANSCODE_WORKER_NODE"));
+    }
+
+    #[test]
+    fn worker_id_is_stable_per_allocation() {
+        assert_eq!(WHO.worker_id().as_deref(), Some("3f2a9c1e-worker"));
+        let short = WorkerIdentity {
+            alloc_id: "a1",
+            task_name: "w",
+            node_name: "",
+        };
+        assert_eq!(short.worker_id().as_deref(), Some("a1-w"));
+        let none = WorkerIdentity::default();
+        assert_eq!(none.worker_id(), None, "the worker makes up a unique id");
+    }
+
+    #[test]
+    fn drain_timeout_rounds_up_to_whole_seconds() {
+        let base = [
             ("scaler_address", Value::from("tcp://s:5571")),
             ("store_url", Value::from("postgres://db/t")),
-        ]);
-        let e = TaskSettings::from_msgpack(&missing_objects, None).expect_err("invalid");
-        assert!(e.to_string().starts_with("objects_url:"), "{e}");
+        ];
+        for (text, secs) in [("1500ms", 2), ("1s", 1), ("0", 0), ("1ns", 1), ("2m", 120)] {
+            let mut pairs = base.to_vec();
+            pairs.push(("drain_timeout", Value::from(text)));
+            let t = task(&pairs).expect("valid");
+            assert_eq!(t.drain_timeout_seconds(), secs, "{text}");
+        }
+        let mut pairs = base.to_vec();
+        pairs.push(("drain_timeout", Value::from("2000000h")));
+        let e = task(&pairs).expect_err("too long for the worker");
+        assert_eq!(field_of(&e), "drain_timeout", "{e}");
+    }
 
-        let zero_slots = encode(&[
-            ("config_file", Value::from("/etc/w.hcl")),
-            ("slots", Value::from(0)),
-        ]);
-        let e = TaskSettings::from_msgpack(&zero_slots, None).expect_err("invalid");
-        assert!(e.to_string().starts_with("slots:"), "{e}");
+    #[test]
+    fn task_settings_validation() {
+        let cases: &[(&str, &[(&str, Value)])] = &[
+            // Without a config file both the store and the scaler must be named.
+            (
+                "store_url",
+                &[("scaler_address", Value::from("tcp://s:5571"))],
+            ),
+            (
+                "scaler_address",
+                &[("store_url", Value::from("postgres://db/t"))],
+            ),
+            (
+                "store_url",
+                &[
+                    ("scaler_address", Value::from("tcp://s:5571")),
+                    ("store_url", Value::from("mysql://db")),
+                ],
+            ),
+            (
+                "scaler_address",
+                &[
+                    ("scaler_address", Value::from("s:5571")),
+                    ("store_url", Value::from("postgres://db/t")),
+                ],
+            ),
+            (
+                "events_address",
+                &[
+                    ("scaler_address", Value::from("tcp://s:5571")),
+                    ("events_address", Value::from("inproc://events")),
+                    ("store_url", Value::from("postgres://db/t")),
+                ],
+            ),
+            (
+                "s3_endpoint",
+                &[
+                    ("scaler_address", Value::from("tcp://s:5571")),
+                    ("store_url", Value::from("postgres://db/t")),
+                    ("s3_endpoint", Value::from("minio:9000")),
+                ],
+            ),
+            (
+                "slots",
+                &[
+                    ("config_file", Value::from("/etc/w.hcl")),
+                    ("slots", Value::from(0)),
+                ],
+            ),
+            ("config_file", &[("config_file", Value::from("etc/w.hcl"))]),
+        ];
+        for (field, pairs) in cases {
+            let e = task(pairs).expect_err(field);
+            assert_eq!(field_of(&e), *field, "{e}");
+            assert!(e.to_string().starts_with(&format!("{field}:")), "{e}");
+        }
 
         let nothing = encode(&[]);
         assert!(TaskSettings::from_msgpack(&nothing, None).is_err());
         let via_default =
             TaskSettings::from_msgpack(&nothing, Some(Path::new("/etc/w.hcl"))).expect("valid");
+        let (args, env) =
+            via_default.worker_invocation(Some(Path::new("/etc/w.hcl")), WorkerIdentity::default());
+        assert_eq!(args, vec!["--config", "/etc/w.hcl"]);
+        // The file provides the scaler and store; the driver names only what it was given.
+        let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
-            via_default
-                .worker_invocation(Some(Path::new("/etc/w.hcl")))
-                .0,
-            vec!["--config", "/etc/w.hcl"]
+            names,
+            vec![
+                "TRANSCODE_WORKER_SLOTS",
+                "TRANSCODE_WORKER_DRAIN_TIMEOUT_SECONDS"
+            ]
         );
     }
 }

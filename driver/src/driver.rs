@@ -47,19 +47,15 @@ impl DriverService {
     }
 
     async fn config(&self) -> Result<PluginConfig, Status> {
-        self.shared
-            .config
-            .read()
-            .await
-            .clone()
-            .ok_or_else(|| recoverable("the transcode driver has not been configured yet (SetConfig)"))
+        self.shared.config.read().await.clone().ok_or_else(|| {
+            recoverable("the transcode driver has not been configured yet (SetConfig)")
+        })
     }
 
     async fn entry(&self, id: &str) -> Result<Arc<TaskEntry>, Status> {
-        self.shared
-            .task(id)
-            .await
-            .ok_or_else(|| Status::not_found(format!("task {id:?} is not known to the transcode driver")))
+        self.shared.task(id).await.ok_or_else(|| {
+            Status::not_found(format!("task {id:?} is not known to the transcode driver"))
+        })
     }
 }
 
@@ -92,7 +88,9 @@ pub fn limits_from(resources: Option<&pb::Resources>) -> Limits {
     l.memory_max = alloc
         .and_then(|a| a.memory.as_ref())
         .and_then(|m| mib(m.memory_max_mb).or_else(|| mib(m.memory_mb)))
-        .or_else(|| linux.and_then(|lx| (lx.memory_limit_bytes > 0).then_some(lx.memory_limit_bytes as u64)));
+        .or_else(|| {
+            linux.and_then(|lx| (lx.memory_limit_bytes > 0).then_some(lx.memory_limit_bytes as u64))
+        });
     l
 }
 
@@ -867,13 +865,17 @@ impl DriverService {
             cg,
             state_dir,
         } = l;
-        std::fs::create_dir_all(&state_dir).map_err(|e| {
-            recoverable(format!("create state dir {}: {e}", state_dir.display()))
-        })?;
+        std::fs::create_dir_all(&state_dir)
+            .map_err(|e| recoverable(format!("create state dir {}: {e}", state_dir.display())))?;
         // A stale exit file from an earlier task with the same id would be mistaken for ours.
         let exit_file = state_dir.join("exit.json");
         let _ = std::fs::remove_file(&exit_file);
-        let (args, extra_env) = settings.worker_invocation(cfg.default_config_file.as_deref());
+        let who = config::WorkerIdentity {
+            alloc_id: &task.alloc_id,
+            task_name: &task.name,
+            node_name: &task.node_name,
+        };
+        let (args, extra_env) = settings.worker_invocation(cfg.default_config_file.as_deref(), who);
         // The typed config block wins over same-named variables from the task's env.
         let mut env: Vec<(String, String)> = task
             .env

@@ -2,16 +2,16 @@
 //! `transcode-worker` processes as managed allocations, each in its own cgroup, and keeps
 //! them running and recoverable across plugin restarts.
 
+pub mod base;
 pub mod cgroup;
 pub mod config;
 pub mod cty;
+pub mod driver;
 pub mod fingerprint;
 pub mod logging;
 pub mod procfs;
 pub mod proto;
+pub mod server;
 pub mod shim;
 pub mod status;
 pub mod tasks;
-pub mod driver;
-pub mod base;
-pub mod server;

@@ -16,7 +16,10 @@ fn main() -> ExitCode {
         };
         return shim::run(std::path::Path::new(spec));
     }
-    if args.get(1).is_some_and(|a| a == "--version" || a == "version") {
+    if args
+        .get(1)
+        .is_some_and(|a| a == "--version" || a == "version")
+    {
         println!("nomad-driver-transcode {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }

@@ -163,7 +163,9 @@ pub async fn serve(shared: Arc<Shared>) -> Result<(), ServeError> {
     // SIGINT goes to the whole foreground group when an operator presses Ctrl-C at the agent;
     // the host decides when plugins stop, so the plugin ignores it, as go-plugin servers do.
     tokio::spawn(async {
-        if let Ok(mut int) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()) {
+        if let Ok(mut int) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        {
             while int.recv().await.is_some() {
                 tracing::debug!("ignoring SIGINT");
             }

@@ -34,24 +34,17 @@ pub fn recoverable(message: impl Into<String>) -> Status {
         message: message.clone(),
         details: vec![detail],
     };
-    Status::with_details(
-        Code::FailedPrecondition,
-        message,
-        st.encode_to_vec().into(),
-    )
+    Status::with_details(Code::FailedPrecondition, message, st.encode_to_vec().into())
 }
 
 /// Decodes the RecoverableError detail of a status, if any (used by tests as Nomad would).
 pub fn is_recoverable(status: &Status) -> bool {
-    RpcStatus::decode(status.details())
-        .ok()
-        .is_some_and(|st| {
-            st.details.iter().any(|d| {
-                d.type_url == RECOVERABLE_TYPE_URL
-                    && RecoverableError::decode(d.value.as_slice())
-                        .is_ok_and(|r| r.recoverable)
-            })
+    RpcStatus::decode(status.details()).ok().is_some_and(|st| {
+        st.details.iter().any(|d| {
+            d.type_url == RECOVERABLE_TYPE_URL
+                && RecoverableError::decode(d.value.as_slice()).is_ok_and(|r| r.recoverable)
         })
+    })
 }
 
 pub fn unimplemented(rpc: &str) -> Status {

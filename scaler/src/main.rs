@@ -1,10 +1,181 @@
-//! `transcode-scaler`: not built yet. It exits non-zero so nothing mistakes it for a working
-//! scaler; the work is tracked in the project's issues.
+//! `transcode-scaler`: the binary edge. It parses flags, loads the config (file, then
+//! `TRANSCODE_*` env, then flags), sets up logging on stderr, starts the scaler, prints one JSON
+//! line with the bound endpoints on stdout (so callers can bind `:0` ports and still find
+//! them), and shuts down cleanly on SIGTERM or SIGINT.
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "transcode-scaler {}: not implemented yet (see docs/status.md)",
-        transcode_core::VERSION
-    );
-    std::process::ExitCode::from(70)
+use anyhow::{Context, Result};
+use clap::Parser;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use transcode_core::config::{Config, LogFormat};
+use transcode_scaler::{Scaler, Settings};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "transcode-scaler",
+    version,
+    about = "Intake, dispatch, event bus and recovery for a nomad-transcode farm"
+)]
+struct Cli {
+    /// HCL config file (default: none; embedded defaults, then TRANSCODE_* env).
+    #[arg(long, value_name = "FILE", env = "TRANSCODE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Store URL: sqlite://PATH or postgres://USER@HOST:PORT/DB (overrides store.url).
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// Apply pending database migrations before serving.
+    #[arg(long)]
+    migrate: bool,
+    /// Intake ROUTER endpoint, e.g. tcp://127.0.0.1:5570 (port 0 picks a free one).
+    #[arg(long, value_name = "ENDPOINT")]
+    intake: Option<String>,
+    /// Dispatch ROUTER endpoint for workers.
+    #[arg(long, value_name = "ENDPOINT")]
+    dispatch: Option<String>,
+    /// Event bus XPUB endpoint, where subscribers connect.
+    #[arg(long, value_name = "ENDPOINT")]
+    events_pub: Option<String>,
+    /// Event bus XSUB endpoint, where publishers connect.
+    #[arg(long, value_name = "ENDPOINT")]
+    events_sub: Option<String>,
+    /// Health and metrics HTTP listener, host:port.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
+    /// Member id, the source of this scaler's events (default scaler-<hostname>-<pid>).
+    #[arg(long)]
+    id: Option<String>,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    node: Option<String>,
+    /// How often the store is scanned for queued tasks the dispatcher does not hold.
+    #[arg(long, value_name = "MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    scan_interval_ms: u64,
+    /// How often expired leases are swept (their tasks requeued).
+    #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    sweep_interval_ms: u64,
+    /// A worker silent (no frame at all) for this long is dropped.
+    #[arg(long, value_name = "MS", default_value_t = 10000, value_parser = clap::value_parser!(u64).range(1..))]
+    worker_timeout_ms: u64,
+    /// A task still queued this long after its TASK frame went out is sent again.
+    #[arg(long, value_name = "MS", default_value_t = 30000, value_parser = clap::value_parser!(u64).range(1..))]
+    redispatch_after_ms: u64,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn load_config(cli: &Cli) -> Result<Config> {
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    let flags = [
+        ("store.url", &cli.store),
+        ("scaler.intake", &cli.intake),
+        ("scaler.dispatch", &cli.dispatch),
+        ("scaler.events_pub", &cli.events_pub),
+        ("scaler.events_sub", &cli.events_sub),
+        ("scaler.http", &cli.http),
+    ];
+    for (key, value) in flags {
+        if let Some(v) = value {
+            cfg.set(key, v)?;
+        }
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn init_logging(cfg: &Config) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
+        .with_context(|| format!("log.level {:?}", cfg.log.level))?;
+    // Colour codes only help a person at a terminal; in a log file they are noise.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let installed = match cfg.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("logging: {e}"))
+}
+
+async fn wait_for_signal() -> Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let cfg = load_config(&cli)?;
+    init_logging(&cfg)?;
+    let host = hostname();
+    let settings = Settings {
+        store_url: cfg.store.url.clone(),
+        pool_size: cfg.store.pool_size as usize,
+        migrate: cli.migrate,
+        intake: cfg.scaler.intake.clone(),
+        dispatch: cfg.scaler.dispatch.clone(),
+        events_pub: cfg.scaler.events_pub.clone(),
+        events_sub: cfg.scaler.events_sub.clone(),
+        http: cfg.scaler.http.clone(),
+        member: cli
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("scaler-{host}-{}", std::process::id())),
+        node: cli.node.clone().unwrap_or(host),
+        scan_interval: Duration::from_millis(cli.scan_interval_ms),
+        sweep_interval: Duration::from_millis(cli.sweep_interval_ms),
+        worker_timeout: Duration::from_millis(cli.worker_timeout_ms),
+        redispatch_after: Duration::from_millis(cli.redispatch_after_ms),
+        queue_capacity: transcode_scaler::server::QUEUE_CAPACITY,
+    };
+    let signals = tokio::spawn(wait_for_signal());
+    let scaler = Scaler::start(settings)
+        .await
+        .context("starting the scaler")?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", scaler.endpoints().to_json())
+            .and_then(|()| out.flush())
+            .context("writing the endpoints line")?;
+    }
+    let why = signals.await.context("signal handler")??;
+    tracing::info!(signal = why, "shutting down");
+    scaler.shutdown().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("transcode-scaler: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Logging may not be set up yet (a config error), so the reason goes to stderr
+            // directly as well as through tracing.
+            tracing::error!(error = format!("{e:#}"), "scaler failed");
+            eprintln!("transcode-scaler: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

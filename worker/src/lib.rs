@@ -2,4 +2,6 @@
 //! pipeline, the dispatcher client), so the binary, the end-to-end tests and the benchmarks all
 //! run the same code.
 
+pub mod client;
+pub mod pipeline;
 pub mod transcode;

@@ -505,7 +505,11 @@ impl Store for SqliteStore {
             check_fence(&task, Fence::Token(token))?;
             tx.execute(
                 "UPDATE tasks SET progress = COALESCE(?2, progress), updated_at = ?3 WHERE id = ?1",
-                params![id.to_string(), patch.progress.map(i64::from), micros(Utc::now())],
+                params![
+                    id.to_string(),
+                    patch.progress.map(i64::from),
+                    micros(Utc::now())
+                ],
             )
             .map_err(backend)?;
             insert_events(tx, &events, Some(id))
