@@ -17,6 +17,8 @@ pub const CREDIT_CAP_PER_SLOT: u32 = 2;
 pub const MAX_SLOTS: u32 = 1024;
 /// Longest worker id or node name accepted; they end up in logs and events.
 pub const MAX_NAME: usize = 200;
+/// The DONE outcome of a TASK a worker turned down unclaimed (it was draining).
+pub const OUTCOME_REJECTED: &str = "rejected";
 
 /// The dispatcher's tunables.
 #[derive(Debug, Clone, Copy)]
@@ -93,6 +95,7 @@ impl WorkerEntry {
 struct InFlight {
     worker: String,
     at: Instant,
+    item: QueueItem,
 }
 
 /// The dispatch state machine.
@@ -166,7 +169,15 @@ impl Dispatcher {
                     .get(&task_id)
                     .is_some_and(|f| f.worker == w.worker)
                 {
-                    self.in_flight.remove(&task_id);
+                    let settled = self.in_flight.remove(&task_id);
+                    // A draining worker turns down a TASK that crossed its BYE without claiming
+                    // it: the same attempt goes straight back in line rather than waiting for
+                    // a scan.
+                    if outcome == OUTCOME_REJECTED {
+                        if let Some(f) = settled {
+                            self.queue.push(f.item);
+                        }
+                    }
                 } else {
                     tracing::debug!(task = %task_id, worker = %w.worker, %outcome,
                         "DONE for a task not in flight to this worker");
@@ -309,6 +320,7 @@ impl Dispatcher {
                 InFlight {
                     worker: w.worker.clone(),
                     at: now,
+                    item,
                 },
             );
             out.push(Outgoing {
@@ -497,14 +509,18 @@ mod tests {
         let much_later = now + Duration::from_secs(31);
         assert!(d.wants(&t.id, much_later));
         assert_eq!(d.offer(t, false, much_later), Offered::Queued);
+        assert_eq!(tasks_for(&d.next_dispatches(much_later), b"a"), vec![t.id]);
         // A recovered task is a new attempt and is queued at once.
         let r = item(0);
+        d.on_frame(b"a", WorkerFrame::Ready { credits: 1 }, now);
         d.offer(r, false, now);
-        d.next_dispatches(now);
+        assert_eq!(tasks_for(&d.next_dispatches(now), b"a"), vec![r.id]);
         assert_eq!(d.offer(r, false, now), Offered::RecentlyDispatched);
         assert_eq!(d.offer(r, true, now), Offered::Queued);
-        d.forget(&r.id);
         assert_eq!(d.stats().queue_length, 1);
+        // A task that left `queued` (failed, cancelled) is dropped entirely.
+        d.forget(&r.id);
+        assert_eq!(d.stats().queue_length, 0);
         assert!(d.wants(&r.id, now));
     }
 
@@ -526,6 +542,45 @@ mod tests {
         assert_eq!(d.stats().in_flight, 1);
         d.on_frame(b"a", done("succeeded"), now);
         assert_eq!(d.stats().in_flight, 0);
+        assert_eq!(d.stats().queue_length, 0);
+    }
+
+    #[test]
+    fn a_rejected_task_goes_straight_back_in_line() {
+        let now = Instant::now();
+        let mut d = Dispatcher::new(cfg());
+        let t = QueueItem {
+            attempt: 3,
+            ..item(7)
+        };
+        d.on_frame(b"a", hello("w1", 1), now);
+        d.on_frame(b"a", WorkerFrame::Ready { credits: 1 }, now);
+        d.offer(t, false, now);
+        assert_eq!(tasks_for(&d.next_dispatches(now), b"a"), vec![t.id]);
+        d.on_frame(b"a", WorkerFrame::Bye, now);
+        d.on_frame(
+            b"a",
+            WorkerFrame::Done {
+                task_id: t.id,
+                outcome: OUTCOME_REJECTED.into(),
+            },
+            now,
+        );
+        assert_eq!(d.stats().in_flight, 0);
+        assert_eq!(d.stats().queue_length, 1);
+        d.on_frame(b"b", hello("w2", 1), now);
+        d.on_frame(b"b", WorkerFrame::Ready { credits: 1 }, now);
+        let out = d.next_dispatches(now);
+        assert_eq!(
+            out,
+            vec![Outgoing {
+                identity: b"b".to_vec(),
+                frame: DispatcherFrame::Task {
+                    task_id: t.id,
+                    attempt: 3
+                }
+            }]
+        );
     }
 
     #[test]

@@ -27,8 +27,10 @@ const KNOWN_OUTCOMES: &[&str] = &[
     "released",
     "cancelled",
     "duplicate",
-    "stale",
-    "requeued",
+    "not_found",
+    "fenced",
+    "abandoned",
+    crate::dispatch::OUTCOME_REJECTED,
 ];
 
 struct Inner {
