@@ -275,7 +275,7 @@ async fn lifecycle_in_nomad_order() {
         assert!(proc_cg.contains(tail), "{proc_cg} lacks {tail}");
     }
     let argv = std::fs::read_to_string(out.join("argv")).expect("argv");
-    assert_eq!(argv, "--log-format\njson\n");
+    assert_eq!(argv, "--http\n127.0.0.1:0\n");
     let env = std::fs::read_to_string(out.join("env")).expect("env");
     for want in [
         "TRANSCODE_SCALER_DISPATCH=tcp://127.0.0.1:5571",

@@ -55,6 +55,8 @@ pub struct LostWorker {
     pub worker: String,
     pub node: String,
     pub silent_for: Duration,
+    /// It had said BYE (or been drained): leaving is what it was expected to do.
+    pub draining: bool,
     /// Tasks sent to it and not reported done. Those it claimed come back through the lease
     /// sweeper; those it never claimed are forgotten here so the next scan sends them again.
     pub tasks: Vec<TaskId>,
@@ -362,6 +364,7 @@ impl Dispatcher {
             }
             lost.push(LostWorker {
                 silent_for: now.saturating_duration_since(w.last_seen),
+                draining: w.draining,
                 worker: w.worker,
                 node: w.node,
                 tasks,
@@ -657,6 +660,7 @@ mod tests {
         let lost = d.expire(t2);
         assert_eq!(lost.len(), 1);
         assert_eq!(lost[0].worker, "w1");
+        assert!(!lost[0].draining);
         assert_eq!(lost[0].tasks, vec![t.id]);
         let s = d.stats();
         assert_eq!((s.workers, s.free_credits, s.in_flight), (1, 0, 0));

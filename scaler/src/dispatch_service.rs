@@ -171,6 +171,12 @@ impl DispatchHandle {
     pub fn expire(&self) -> Vec<LostWorker> {
         let lost = self.apply(|d, now, _| d.expire(now));
         for w in &lost {
+            if w.draining {
+                // A drained worker closing its socket is the end of a graceful exit, not a
+                // failure (ARCHITECTURE §7).
+                tracing::info!(worker = %w.worker, node = %w.node, "drained worker left");
+                continue;
+            }
             self.inner.metrics.inc(m::WORKERS_LOST, &[]);
             tracing::warn!(
                 worker = %w.worker,

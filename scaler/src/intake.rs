@@ -234,7 +234,7 @@ fn store_error(e: StoreError) -> IntakeReply {
     match e {
         StoreError::NotFound(id) => IntakeReply::err("not_found", format!("task {id} not found")),
         StoreError::InvalidSpec(e) => IntakeReply::err("invalid_spec", e.to_string()),
-        e @ StoreError::IdempotencyConflict { .. } => IntakeReply::err("conflict", e.to_string()),
+        e @ StoreError::IdempotencyConflict { .. } => IntakeReply::err("idempotency_conflict", e.to_string()),
         e @ StoreError::Unavailable(_) => IntakeReply::err("unavailable", e.to_string()),
         e => {
             tracing::error!(error = %e, "store error on intake");

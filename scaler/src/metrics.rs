@@ -58,7 +58,7 @@ pub fn describe(r: &Registry) {
         (
             WORKERS_LOST,
             Counter,
-            "Workers dropped because they went silent.",
+            "Workers dropped because they went silent without draining first.",
         ),
         (
             SCANS,

@@ -58,7 +58,7 @@ fn idempotency_key_returns_the_first_task() {
     sp["priority"] = json!(9);
     let clash = req(&s, &json!({"v":1,"op":"submit","spec":sp}));
     assert_eq!(clash["ok"], false, "{clash}");
-    assert_eq!(clash["error"]["code"], "conflict", "{clash}");
+    assert_eq!(clash["error"]["code"], "idempotency_conflict", "{clash}");
 }
 
 #[test]

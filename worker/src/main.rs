@@ -142,6 +142,25 @@ async fn run() -> Result<()> {
     std::fs::create_dir_all(&scratch)
         .with_context(|| format!("scratch dir {}", scratch.display()))?;
 
+    // Listen for SIGTERM before the slow parts of start-up (GStreamer's first plugin scan can
+    // take seconds), so a stop during start-up is a clean drain, not a kill.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+
     let mode = if a.noop_transcode {
         Mode::Noop
     } else {
@@ -190,23 +209,6 @@ async fn run() -> Result<()> {
         "{}",
         serde_json::json!({"id": id, "node": node, "http": http.to_string()})
     );
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        let _ = stop_tx.send(true);
-    });
 
     let exit = client::run(
         ctx,

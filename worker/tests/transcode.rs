@@ -505,7 +505,7 @@ fn zz_stress_probe_half() {
     Clip::new(640, 360).make(&whole);
     let input = dir.path().join("half.mp4");
     truncate_to_half(&whole, &input);
-    let handles: Vec<_> = (0..3)
+    let handles: Vec<_> = (0..1)
         .map(|t| {
             let input = input.clone();
             std::thread::spawn(move || {

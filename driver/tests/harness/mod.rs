@@ -325,7 +325,7 @@ pub fn task_config(o: &TaskOpts<'_>) -> pb::TaskConfig {
     pb::TaskConfig {
         id: o.id.to_owned(),
         name: "worker".into(),
-        msgpack_driver_config: task_block(&["--log-format", "json"]),
+        msgpack_driver_config: task_block(&["--http", "127.0.0.1:0"]),
         env,
         resources: Some(pb::Resources {
             allocated_resources: Some(pb::AllocatedTaskResources {
