@@ -192,7 +192,7 @@ impl DispatchHandle {
     /// Handles one raw message from the dispatch socket.
     pub fn on_message(&self, msg: Multipart) {
         let parts = msg.len();
-        let Some(routed) = wire::split(msg) else {
+        let Some(mut routed) = wire::split(msg) else {
             // Nobody to answer: count it and move on.
             wire::rejected(
                 &self.inner.metrics,
@@ -202,7 +202,7 @@ impl DispatchHandle {
             );
             return;
         };
-        let frame = routed.body.clone().and_then(|b| protocol::parse_worker(&b));
+        let frame = routed.take_body().and_then(|b| protocol::parse_worker(&b));
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {

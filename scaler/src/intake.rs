@@ -86,13 +86,12 @@ fn on_message(
     permits: &Arc<Semaphore>,
 ) {
     let parts = msg.len();
-    let Some(routed) = wire::split(msg) else {
+    let Some(mut routed) = wire::split(msg) else {
         wire::rejected(&shared.metrics, "intake", &[], &FrameError::Envelope(parts));
         return;
     };
     let request = routed
-        .body
-        .clone()
+        .take_body()
         .and_then(|body| protocol::parse_intake(&body));
     let request = match request {
         Ok(r) => r,
@@ -234,7 +233,9 @@ fn store_error(e: StoreError) -> IntakeReply {
     match e {
         StoreError::NotFound(id) => IntakeReply::err("not_found", format!("task {id} not found")),
         StoreError::InvalidSpec(e) => IntakeReply::err("invalid_spec", e.to_string()),
-        e @ StoreError::IdempotencyConflict { .. } => IntakeReply::err("idempotency_conflict", e.to_string()),
+        e @ StoreError::IdempotencyConflict { .. } => {
+            IntakeReply::err("idempotency_conflict", e.to_string())
+        }
         e @ StoreError::Unavailable(_) => IntakeReply::err("unavailable", e.to_string()),
         e => {
             tracing::error!(error = %e, "store error on intake");

@@ -5,6 +5,7 @@
 
 pub mod dispatch;
 pub mod dispatch_service;
+pub mod failure;
 pub mod intake;
 pub mod metrics;
 pub mod queue;

@@ -61,6 +61,12 @@ struct Cli {
     /// A task still queued this long after its TASK frame went out is sent again.
     #[arg(long, value_name = "MS", default_value_t = 30000, value_parser = clap::value_parser!(u64).range(1..))]
     redispatch_after_ms: u64,
+    /// Gossip listen address, host:port (overrides membership.bind; port 0 picks one).
+    #[arg(long, value_name = "ADDR")]
+    gossip_bind: Option<String>,
+    /// Gossip members to join, comma-separated host:port (overrides membership.join).
+    #[arg(long, value_name = "ADDRS")]
+    gossip_join: Option<String>,
 }
 
 fn hostname() -> String {
@@ -81,6 +87,8 @@ fn load_config(cli: &Cli) -> Result<Config> {
         ("scaler.events_pub", &cli.events_pub),
         ("scaler.events_sub", &cli.events_sub),
         ("scaler.http", &cli.http),
+        ("membership.bind", &cli.gossip_bind),
+        ("membership.join", &cli.gossip_join),
     ];
     for (key, value) in flags {
         if let Some(v) = value {
@@ -116,6 +124,30 @@ async fn wait_for_signal() -> Result<&'static str> {
     })
 }
 
+/// Gossip failure detection beside the scaler (see `failure.rs`).
+async fn start_gossip(
+    cfg: &Config,
+    scaler: &Scaler,
+    origin: transcode_core::Origin,
+) -> Result<transcode_scaler::failure::Gossip> {
+    use transcode_core::membership::Settings as GossipSettings;
+    let settings = GossipSettings::from_config(&cfg.membership)?;
+    let store = transcode_core::store::open(&cfg.store.url, 2)
+        .await
+        .context("opening the store for gossip recovery")?;
+    let deps = transcode_scaler::failure::Deps {
+        store,
+        dispatch: scaler.dispatcher(),
+        metrics: scaler.metrics(),
+        origin,
+        events_sub: scaler.endpoints().events_sub.clone(),
+        row_interval: Duration::from_secs(cfg.membership.event_row_interval_seconds),
+    };
+    transcode_scaler::failure::Gossip::start(&settings, deps)
+        .await
+        .context("starting gossip")
+}
+
 async fn run(cli: Cli) -> Result<()> {
     let cfg = load_config(&cli)?;
     init_logging(&cfg)?;
@@ -141,17 +173,22 @@ async fn run(cli: Cli) -> Result<()> {
         queue_capacity: transcode_scaler::server::QUEUE_CAPACITY,
     };
     let signals = tokio::spawn(wait_for_signal());
+    let origin = transcode_core::Origin::new(settings.member.clone(), settings.node.clone());
     let scaler = Scaler::start(settings)
         .await
         .context("starting the scaler")?;
+    let gossip = start_gossip(&cfg, &scaler, origin).await?;
     {
+        let mut endpoints = scaler.endpoints().to_json();
+        endpoints["gossip"] = serde_json::json!(gossip.local_addr().to_string());
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", scaler.endpoints().to_json())
+        writeln!(out, "{endpoints}")
             .and_then(|()| out.flush())
             .context("writing the endpoints line")?;
     }
     let why = signals.await.context("signal handler")??;
     tracing::info!(signal = why, "shutting down");
+    gossip.shutdown().await;
     scaler.shutdown().await;
     Ok(())
 }

@@ -22,6 +22,11 @@ impl Routed {
         self.route.first().map(Vec::as_slice).unwrap_or_default()
     }
 
+    /// Moves the payload (or its error) out, leaving the route for the reply.
+    pub fn take_body(&mut self) -> Result<Vec<u8>, FrameError> {
+        std::mem::replace(&mut self.body, Err(FrameError::Envelope(0)))
+    }
+
     /// A reply with the same envelope.
     pub fn reply(&self, payload: Vec<u8>) -> Multipart {
         let mut msg = self.route.clone();
