@@ -89,7 +89,8 @@ pub struct SocketHandle {
 impl SocketHandle {
     /// Sends a message; false when the socket thread has stopped.
     pub fn send(&self, msg: Multipart) -> bool {
-        self.tx.send(msg).is_ok()
+        // An empty message is the internal stop signal; it is never a valid message.
+        !msg.is_empty() && self.tx.send(msg).is_ok()
     }
 
     /// A sender that can be cloned into other tasks.
@@ -141,6 +142,10 @@ pub fn spawn_loop(
         .name(format!("zmq-fwd-{name}"))
         .spawn(move || {
             while let Ok(msg) = out_rx.recv() {
+                // A message has at least one part; an empty one is `close()` asking us to stop.
+                if msg.is_empty() {
+                    break;
+                }
                 let mut parts: Multipart = Vec::with_capacity(msg.len() + 1);
                 parts.push(CTRL_MSG.to_vec());
                 parts.extend(msg);
