@@ -339,8 +339,8 @@ pub fn summary(m: &Manifest) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<8} {:>10} {:>10} {:>9} {:>10}  {}",
-        "NAME", "SIZE", "KBPS", "SECONDS", "BYTES", "URL"
+        "{:<8} {:>10} {:>10} {:>9} {:>10}  URL",
+        "NAME", "SIZE", "KBPS", "SECONDS", "BYTES"
     );
     for o in &m.outputs {
         let _ = writeln!(

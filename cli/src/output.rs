@@ -1,11 +1,12 @@
 //! Human-readable tables for the CLI. Column widths adapt to the content; times are shown in
 //! UTC to the second so lines from different machines compare directly.
 
+use serde::Serialize;
 use std::fmt::Write;
 use transcode_core::events::StoredEvent;
 use transcode_core::Task;
 
-fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -65,6 +66,75 @@ pub fn tasks_table(tasks: &[Task]) -> String {
             "WORKER",
             "CREATED",
             "SOURCE / ERROR",
+        ],
+        &rows,
+    )
+}
+
+/// What the last `ContainerErrorEscalation` of a task says.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Escalation {
+    pub time: chrono::DateTime<chrono::Utc>,
+    /// `pull`, `push`, `transcode` or `scratch`.
+    pub operation: String,
+    /// Attempts made before giving up (1: the error was not worth retrying).
+    pub attempts: u64,
+    pub class: String,
+    pub message: String,
+}
+
+/// An escalated task as `tasks --status escalated` shows it. In JSON the task's fields are
+/// at the top level, as in the plain listing, plus `escalation` (null when the event is
+/// missing, e.g. a task escalated by hand in the database).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Escalated {
+    #[serde(flatten)]
+    pub task: Task,
+    pub escalation: Option<Escalation>,
+}
+
+/// The operator's work list: what failed, how often it was tried, and the last error.
+pub fn escalated_table(items: &[Escalated]) -> String {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|e| {
+            let t = &e.task;
+            let (op, tries, class, message) = match &e.escalation {
+                Some(x) => (
+                    x.operation.clone(),
+                    x.attempts.to_string(),
+                    x.class.clone(),
+                    x.message.clone(),
+                ),
+                None => (
+                    "-".into(),
+                    "-".into(),
+                    t.error_code.clone().unwrap_or_else(|| "-".into()),
+                    t.error_message.clone().unwrap_or_default(),
+                ),
+            };
+            vec![
+                t.id.to_string(),
+                time(t.updated_at),
+                op,
+                tries,
+                class,
+                t.worker_id.clone().unwrap_or_else(|| "-".into()),
+                t.spec.source.clone(),
+                message,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "ESCALATED",
+            "OPERATION",
+            "TRIES",
+            "CLASS",
+            "WORKER",
+            "SOURCE",
+            "ERROR",
         ],
         &rows,
     )

@@ -365,6 +365,38 @@ impl Drop for Forwarder {
     }
 }
 
+/// One request/reply on the scaler's intake from a short-lived client (the CLI): a REQ socket
+/// with send and receive timeouts, so an absent scaler is an error after `timeout`, not a hang.
+/// Blocking: call it from `spawn_blocking`.
+pub fn intake_request(
+    ctx: &zmq::Context,
+    endpoint: &str,
+    payload: &[u8],
+    timeout: std::time::Duration,
+) -> Result<crate::protocol::IntakeReply, BusError> {
+    let s = socket(ctx, zmq::REQ)?;
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    s.set_rcvtimeo(ms)?;
+    s.set_sndtimeo(ms)?;
+    s.set_linger(0)?;
+    connect(&s, endpoint)?;
+    s.send(payload, 0).map_err(|source| BusError::Zmq {
+        op: "send to",
+        endpoint: endpoint.to_string(),
+        source,
+    })?;
+    let reply = s.recv_bytes(0).map_err(|source| BusError::Zmq {
+        op: "receive from",
+        endpoint: endpoint.to_string(),
+        source,
+    })?;
+    serde_json::from_slice(&reply).map_err(|e| {
+        BusError::BadReply(format!(
+            "intake answered with something that is not a reply: {e}"
+        ))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,36 +470,4 @@ mod tests {
         d.close();
         r.close();
     }
-}
-
-/// One request/reply on the scaler's intake from a short-lived client (the CLI): a REQ socket
-/// with send and receive timeouts, so an absent scaler is an error after `timeout`, not a hang.
-/// Blocking: call it from `spawn_blocking`.
-pub fn intake_request(
-    ctx: &zmq::Context,
-    endpoint: &str,
-    payload: &[u8],
-    timeout: std::time::Duration,
-) -> Result<crate::protocol::IntakeReply, BusError> {
-    let s = socket(ctx, zmq::REQ)?;
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    s.set_rcvtimeo(ms)?;
-    s.set_sndtimeo(ms)?;
-    s.set_linger(0)?;
-    connect(&s, endpoint)?;
-    s.send(payload, 0).map_err(|source| BusError::Zmq {
-        op: "send to",
-        endpoint: endpoint.to_string(),
-        source,
-    })?;
-    let reply = s.recv_bytes(0).map_err(|source| BusError::Zmq {
-        op: "receive from",
-        endpoint: endpoint.to_string(),
-        source,
-    })?;
-    serde_json::from_slice(&reply).map_err(|e| {
-        BusError::BadReply(format!(
-            "intake answered with something that is not a reply: {e}"
-        ))
-    })
 }

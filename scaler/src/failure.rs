@@ -20,9 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use transcode_core::bus::{self, Publisher, SocketHandle};
-use transcode_core::events::{
-    ContainerFailureDetected, GossipTableMerged, HeartbeatReceived,
-};
+use transcode_core::events::{ContainerFailureDetected, GossipTableMerged, HeartbeatReceived};
 use transcode_core::membership::{
     MemberInfo, MemberState, MemberTags, Membership, MembershipEvent, Settings,
 };
