@@ -56,7 +56,9 @@ fn start(bin: &PathBuf, args: &[String]) -> Result<(Kill, serde_json::Value)> {
         .with_context(|| format!("starting {}", bin.display()))?;
     let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
     let mut lines = BufReader::new(out).lines();
-    let first = lines.next().ok_or_else(|| anyhow!("{} exited", bin.display()))??;
+    let first = lines
+        .next()
+        .ok_or_else(|| anyhow!("{} exited", bin.display()))??;
     std::thread::spawn(move || for _ in lines {});
     Ok((Kill(child), serde_json::from_str(&first)?))
 }
@@ -67,12 +69,21 @@ async fn baseline(url: &str, n: usize) -> Result<f64> {
     for i in 0..n {
         s.insert_task(&spec(i)?, &[]).await?;
     }
-    let who = Claimant { worker_id: "bench".into(), node: "bench".into() };
+    let who = Claimant {
+        worker_id: "bench".into(),
+        node: "bench".into(),
+    };
     let t0 = Instant::now();
     let mut done = 0;
     while let Some(t) = s.claim_next(&who, Duration::from_secs(60), &[]).await? {
-        s.transition(t.id, Fence::Token(t.lease_token), TaskStatus::Succeeded, &Patch::default(), &[])
-            .await?;
+        s.transition(
+            t.id,
+            Fence::Token(t.lease_token),
+            TaskStatus::Succeeded,
+            &Patch::default(),
+            &[],
+        )
+        .await?;
         done += 1;
     }
     if done != n {
@@ -82,21 +93,50 @@ async fn baseline(url: &str, n: usize) -> Result<f64> {
 }
 
 async fn system(a: &Args) -> Result<f64> {
-    let ep = |k: &str, v: &serde_json::Value| v.get(k).and_then(|x| x.as_str()).map(str::to_string).ok_or_else(|| anyhow!("no {k}"));
+    let ep = |k: &str, v: &serde_json::Value| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("no {k}"))
+    };
     let p = |s: &str| s.to_string();
     let (_scaler, info) = start(
         &a.bin_dir.join("transcode-scaler"),
-        &[p("--store"), a.system_store.clone(), p("--migrate"), p("--intake"), p("tcp://127.0.0.1:0"),
-          p("--dispatch"), p("tcp://127.0.0.1:0"), p("--events-pub"), p("tcp://127.0.0.1:0"),
-          p("--events-sub"), p("tcp://127.0.0.1:0"), p("--http"), p("127.0.0.1:0")],
+        &[
+            p("--store"),
+            a.system_store.clone(),
+            p("--migrate"),
+            p("--intake"),
+            p("tcp://127.0.0.1:0"),
+            p("--dispatch"),
+            p("tcp://127.0.0.1:0"),
+            p("--events-pub"),
+            p("tcp://127.0.0.1:0"),
+            p("--events-sub"),
+            p("tcp://127.0.0.1:0"),
+            p("--http"),
+            p("127.0.0.1:0"),
+        ],
     )?;
     let mut workers = Vec::new();
     for i in 0..a.workers {
         workers.push(start(
             &a.bin_dir.join("transcode-worker"),
-            &[p("--store"), a.system_store.clone(), p("--dispatch"), ep("dispatch", &info)?,
-              p("--events"), ep("events_sub", &info)?, p("--id"), format!("bench-w{i}"),
-              p("--slots"), a.slots.to_string(), p("--http"), p("127.0.0.1:0"), p("--noop-transcode")],
+            &[
+                p("--store"),
+                a.system_store.clone(),
+                p("--dispatch"),
+                ep("dispatch", &info)?,
+                p("--events"),
+                ep("events_sub", &info)?,
+                p("--id"),
+                format!("bench-w{i}"),
+                p("--slots"),
+                a.slots.to_string(),
+                p("--http"),
+                p("127.0.0.1:0"),
+                p("--noop-transcode"),
+            ],
         )?);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -118,7 +158,8 @@ async fn system(a: &Args) -> Result<f64> {
         let mut ok = 0;
         for _ in 0..n {
             let parts = s.recv_multipart(0)?;
-            let reply: serde_json::Value = serde_json::from_slice(parts.last().ok_or_else(|| anyhow!("empty reply"))?)?;
+            let reply: serde_json::Value =
+                serde_json::from_slice(parts.last().ok_or_else(|| anyhow!("empty reply"))?)?;
             if reply["ok"] == true {
                 ok += 1;
             }
@@ -129,7 +170,11 @@ async fn system(a: &Args) -> Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let done = db
-            .list_tasks(&TaskFilter { status: Some(TaskStatus::Succeeded), limit: u32::try_from(n + 1).unwrap_or(u32::MAX), before: None })
+            .list_tasks(&TaskFilter {
+                status: Some(TaskStatus::Succeeded),
+                limit: u32::try_from(n + 1).unwrap_or(u32::MAX),
+                before: None,
+            })
             .await?
             .len();
         if done >= n {
@@ -141,7 +186,9 @@ async fn system(a: &Args) -> Result<f64> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let rate = n as f64 / t0.elapsed().as_secs_f64();
-    let accepted = submitter.join().map_err(|_| anyhow!("submitter panicked"))??;
+    let accepted = submitter
+        .join()
+        .map_err(|_| anyhow!("submitter panicked"))??;
     if accepted != n {
         bail!("intake accepted {accepted} of {n}");
     }
@@ -151,7 +198,10 @@ async fn system(a: &Args) -> Result<f64> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = Args::parse();
-    println!("# dispatch benchmark: {} tasks, {} workers x {} slots, no-op transcoder", a.tasks, a.workers, a.slots);
+    println!(
+        "# dispatch benchmark: {} tasks, {} workers x {} slots, no-op transcoder",
+        a.tasks, a.workers, a.slots
+    );
     let base = baseline(&a.baseline_store, a.tasks).await?;
     println!("baseline (one process: claim + complete):  {base:>8.0} tasks/s");
     let sys = system(&a).await?;

@@ -13,10 +13,20 @@ use transcode_core::{Event, Task, TaskId, TaskStatus};
 
 /// Sends one intake request and returns the accepted task id (or the scaler's error).
 pub async fn submit_via_intake(endpoint: &str, payload: Vec<u8>) -> Result<(TaskId, bool)> {
+    submit_via_intake_within(endpoint, payload, Duration::from_secs(10)).await
+}
+
+/// [`submit_via_intake`] with a caller's timeout, for best-effort nudges that must not hold
+/// the command up for long when the scaler is down.
+pub async fn submit_via_intake_within(
+    endpoint: &str,
+    payload: Vec<u8>,
+    timeout: Duration,
+) -> Result<(TaskId, bool)> {
     let ep = endpoint.to_string();
     let reply: IntakeReply = tokio::task::spawn_blocking(move || {
         let ctx = zmq::Context::new();
-        bus::intake_request(&ctx, &ep, &payload, Duration::from_secs(10))
+        bus::intake_request(&ctx, &ep, &payload, timeout)
     })
     .await
     .context("intake client thread")?

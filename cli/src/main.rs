@@ -4,15 +4,16 @@
 
 mod dev;
 mod follow;
+mod members;
 mod output;
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use transcode_core::config::{Config, ConfigError};
-use transcode_core::events::{EventBody, Origin, TaskCancelled, TaskQueued};
+use transcode_core::events::{EventBody, Origin, TaskCancelled, TaskQueued, TaskResolved};
 use transcode_core::spec::{CodecPreset, Container, Rendition, SpecError, TaskSpec};
 use transcode_core::store::{self, EventFilter, Fence, Patch, Store, StoreError, TaskFilter};
 use transcode_core::{TaskId, TaskStatus};
@@ -62,6 +63,13 @@ enum Command {
     Events(EventsArgs),
     /// Run a local cluster (scaler + workers) on embedded defaults; --demo transcodes a clip.
     Dev(DevCmd),
+    /// Resolve an escalated task: back to the queue (--retry) or failed for good (--fail).
+    Resolve(ResolveArgs),
+    /// List gossip members (workers and scalers) with their state and load.
+    Members {
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a queued, running or escalated task.
     Cancel {
         id: TaskId,
@@ -125,6 +133,26 @@ struct SubmitArgs {
     /// Submit through the intake and follow the task until it ends; exit 0 only on success.
     #[arg(long)]
     wait: bool,
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("action").required(true).args(["retry", "fail"])))]
+struct ResolveArgs {
+    id: TaskId,
+    /// Send the task back to `queued`: the scaler dispatches it again and processing resumes
+    /// (renditions already uploaded are not uploaded again).
+    #[arg(long)]
+    retry: bool,
+    /// Mark the task `failed` for good; needs --reason.
+    #[arg(long, requires = "reason")]
+    fail: bool,
+    /// Why; recorded with your OS user in the TaskResolved event (and, with --fail, as the
+    /// task's error message).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Print the task as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -249,15 +277,147 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// The OS user running the command, for the record of who did what. The name comes from the
+/// real uid (via /etc/passwd), because `$USER` can be unset (cron, containers) or stale (`su`);
+/// under sudo the invoking user is named too.
+fn os_user() -> String {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("Uid:")
+                    .and_then(|r| r.split_whitespace().next().map(str::to_string))
+            })
+        });
+    let by_uid = uid.as_deref().and_then(|uid| {
+        let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+        passwd.lines().find_map(|line| {
+            let mut f = line.split(':');
+            let name = f.next()?;
+            (f.nth(1)? == uid).then(|| name.to_string())
+        })
+    });
+    let name = by_uid
+        .or_else(|| std::env::var("USER").ok())
+        .or_else(|| std::env::var("LOGNAME").ok())
+        .or_else(|| uid.map(|u| format!("uid:{u}")))
+        .unwrap_or_else(|| "unknown".into());
+    match std::env::var("SUDO_USER") {
+        Ok(s) if !s.is_empty() && s != name => format!("{name} (sudo by {s})"),
+        _ => name,
+    }
+}
+
 /// Who the CLI acts as, for the events it writes: `cli-<os user>` on this host.
 fn origin() -> Origin {
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into());
+    let user = os_user();
+    let user = user.split_whitespace().next().unwrap_or("unknown");
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
     Origin::new(format!("cli-{user}"), host)
+}
+
+/// Pairs each escalated task with its last `ContainerErrorEscalation` event: the failing
+/// operation, how many attempts were made, and the last error.
+async fn with_escalations(
+    store: &dyn Store,
+    tasks: Vec<transcode_core::Task>,
+) -> Result<Vec<output::Escalated>> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let events = store
+            .events(&EventFilter {
+                task_id: Some(task.id),
+                event_type: Some(transcode_core::EventType::ContainerErrorEscalation.to_string()),
+                after_seq: None,
+                limit: 10_000,
+            })
+            .await?;
+        let escalation = events.last().map(|e| output::Escalation {
+            time: e.time,
+            operation: e.data["operation"].as_str().unwrap_or("").to_string(),
+            attempts: e.data["attempts"].as_u64().unwrap_or(0),
+            class: e.data["class"].as_str().unwrap_or("").to_string(),
+            message: e.data["message"].as_str().unwrap_or("").to_string(),
+        });
+        out.push(output::Escalated { task, escalation });
+    }
+    Ok(out)
+}
+
+/// `transcode resolve`: escalated → queued (`--retry`) or escalated → failed (`--fail`), with a
+/// `TaskResolved` event naming the OS user and the reason, in one fenced transaction that
+/// refuses any task not escalated at that moment (exit 6, nothing written).
+async fn resolve(cfg: &Config, args: ResolveArgs) -> Result<()> {
+    let store = open_store(cfg).await?;
+    let (action, to) = if args.retry {
+        ("retry", TaskStatus::Queued)
+    } else {
+        ("fail", TaskStatus::Failed)
+    };
+    let reason = args.reason.unwrap_or_default();
+    let by = os_user();
+    let ev = origin().event(
+        Some(args.id),
+        EventBody::TaskResolved(TaskResolved {
+            by: by.clone(),
+            action: action.into(),
+            reason: reason.clone(),
+        }),
+    );
+    let patch = if to == TaskStatus::Failed {
+        Patch {
+            error_code: Some("operator_failed".into()),
+            error_message: Some(reason.clone()),
+            ..Patch::default()
+        }
+    } else {
+        Patch::default()
+    };
+    let task = store
+        .transition(
+            args.id,
+            Fence::Status(TaskStatus::Escalated),
+            to,
+            &patch,
+            &[ev],
+        )
+        .await
+        .map_err(|e| match e {
+            StoreError::WrongStatus { .. } => anyhow::Error::new(e)
+                .context("only an escalated task can be resolved; nothing was changed"),
+            other => anyhow::Error::new(other),
+        })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&task)?);
+    } else {
+        println!("{} {} (resolved by {by}: {action})", task.id, task.status);
+    }
+    if to == TaskStatus::Queued {
+        // The scaler's periodic scan picks up queued rows anyway; going through the intake
+        // only makes the dispatch immediate, so a scaler that does not answer is no error.
+        let payload =
+            serde_json::to_vec(&serde_json::json!({"v": 1, "op": "submit", "task_id": task.id}))?;
+        let intake = &cfg.scaler.intake;
+        match follow::submit_via_intake_within(intake, payload, std::time::Duration::from_secs(3))
+            .await
+        {
+            Ok(_) => eprintln!("transcode: dispatched through the scaler's intake at {intake}"),
+            Err(e)
+                if e
+                    .downcast_ref::<follow::IntakeRefused>()
+                    .is_some_and(|r| r.code == "not_queued") =>
+            {
+                eprintln!("transcode: the scaler has already dispatched it")
+            }
+            Err(e) => eprintln!(
+                "transcode: note: the scaler's intake at {intake} did not take it ({}); its periodic scan will dispatch the task",
+                one_line(&e)
+            ),
+        }
+    }
+    Ok(())
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -381,12 +541,20 @@ async fn run(cli: Cli) -> Result<()> {
                     before: args.before,
                 })
                 .await?;
-            if args.json {
+            if args.status == Some(TaskStatus::Escalated) {
+                let escalated = with_escalations(store.as_ref(), tasks).await?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&escalated)?);
+                } else {
+                    print!("{}", output::escalated_table(&escalated));
+                }
+            } else if args.json {
                 println!("{}", serde_json::to_string_pretty(&tasks)?);
             } else {
                 print!("{}", output::tasks_table(&tasks));
             }
         }
+        Command::Resolve(args) => resolve(&cfg, args).await?,
         Command::Task { id, json } => {
             let store = open_store(&cfg).await?;
             let task = store.get_task(id).await?;
@@ -406,6 +574,10 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{}", output::task_details(&task, &events));
             }
+        }
+        Command::Members { json } => {
+            let store = open_store(&cfg).await?;
+            members::run(store, json).await?;
         }
         Command::Events(args) if args.follow => {
             follow::follow_bus(

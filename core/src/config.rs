@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::objects::ObjectsConfig;
+use crate::retry::RetryConfig;
 
 /// Prefix of every environment override.
 pub const ENV_PREFIX: &str = "TRANSCODE_";
@@ -39,6 +40,9 @@ pub struct Config {
     pub objects: ObjectsConfig,
     pub scaler: ScalerConfig,
     pub worker: WorkerConfig,
+    pub membership: MembershipConfig,
+    /// Retry policies for the worker's object transfers (`crate::retry`).
+    pub retry: RetryConfig,
     pub log: LogConfig,
 }
 
@@ -116,6 +120,43 @@ impl Default for WorkerConfig {
             lease_seconds: 30,
             drain_timeout_seconds: 60,
             http: "127.0.0.1:0".into(),
+        }
+    }
+}
+
+/// Gossip membership (ARCHITECTURE §7): every scaler and worker is a member. Addresses are
+/// `host:port`; UDP and TCP share the port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MembershipConfig {
+    /// Where this member listens for gossip. Unset means `127.0.0.1:0` (a free port, which the
+    /// scaler reports in its start-up line as `gossip`).
+    pub bind: Option<String>,
+    /// The address other members are told to use, when it differs from `bind` (NAT, 0.0.0.0).
+    pub advertise: Option<String>,
+    /// Members to join at start (usually the scaler's gossip address); retried until one
+    /// answers.
+    pub join: Vec<String>,
+    /// Base64 of a 32-byte AES-256-GCM key (as `serf keygen` prints). Unset means plaintext.
+    pub encrypt_key: Option<String>,
+    pub probe_interval_ms: u64,
+    pub probe_timeout_ms: u64,
+    /// At most one HeartbeatReceived row per member per this many seconds reaches the
+    /// database (the bus gets every heartbeat); a state change always writes a row.
+    pub event_row_interval_seconds: u64,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        MembershipConfig {
+            bind: None,
+            advertise: None,
+            join: Vec::new(),
+            encrypt_key: None,
+            // Go Serf's LAN defaults.
+            probe_interval_ms: 1000,
+            probe_timeout_ms: 500,
+            event_row_interval_seconds: 60,
         }
     }
 }
@@ -206,6 +247,11 @@ enum Kind {
         min: u64,
         max: u64,
     },
+    /// A number that may have a fraction (`1.5`); whole numbers are accepted too.
+    Float {
+        min: f64,
+        max: f64,
+    },
     Enum(&'static [&'static str]),
     /// A URL that must start with one of these prefixes.
     Url(&'static [&'static str]),
@@ -213,6 +259,10 @@ enum Kind {
     OptUrl(&'static [&'static str]),
     /// `host:port`.
     Addr,
+    /// `host:port`, or unset.
+    OptAddr,
+    /// A list of `host:port`; in env vars and flags, comma-separated.
+    AddrList,
 }
 
 impl Kind {
@@ -224,9 +274,11 @@ impl Kind {
             | Kind::Enum(_)
             | Kind::Url(_)
             | Kind::OptUrl(_)
-            | Kind::Addr => "a string",
+            | Kind::Addr
+            | Kind::OptAddr => "a string",
+            Kind::AddrList => "a list of strings",
             Kind::Bool | Kind::OptBool => "a bool",
-            Kind::Int { .. } => "a number",
+            Kind::Int { .. } | Kind::Float { .. } => "a number",
         }
     }
 }
@@ -248,6 +300,8 @@ const fn key(name: &'static str, kind: Kind) -> Key {
 }
 
 const U32: u64 = u32::MAX as u64;
+/// One day, in milliseconds: the most any single retry delay may be.
+const DAY_MS: u64 = 86_400_000;
 const ZMQ: &[&str] = &["tcp://", "ipc://", "inproc://"];
 
 /// Every block and key the file may hold. To add a setting: add the field (with its default) to
@@ -311,6 +365,35 @@ static SCHEMA: BlockSchema = BlockSchema {
             blocks: &[],
         },
         BlockSchema {
+            name: "membership",
+            keys: &[
+                key("bind", Kind::OptAddr),
+                key("advertise", Kind::OptAddr),
+                key("join", Kind::AddrList),
+                key("encrypt_key", Kind::OptStr),
+                key("probe_interval_ms", Kind::Int { min: 10, max: U32 }),
+                key("probe_timeout_ms", Kind::Int { min: 5, max: U32 }),
+                key("event_row_interval_seconds", Kind::Int { min: 0, max: U32 }),
+            ],
+            blocks: &[],
+        },
+        BlockSchema {
+            name: "retry",
+            keys: &[],
+            blocks: &[
+                BlockSchema {
+                    name: "pull",
+                    keys: RETRY_KEYS,
+                    blocks: &[],
+                },
+                BlockSchema {
+                    name: "push",
+                    keys: RETRY_KEYS,
+                    blocks: &[],
+                },
+            ],
+        },
+        BlockSchema {
             name: "log",
             keys: &[
                 key("format", Kind::Enum(&["text", "json"])),
@@ -320,6 +403,33 @@ static SCHEMA: BlockSchema = BlockSchema {
         },
     ],
 };
+
+/// The keys of one retry policy (`retry.pull`, `retry.push`); see `crate::retry`.
+static RETRY_KEYS: &[Key] = &[
+    key("max_attempts", Kind::Int { min: 1, max: 100 }),
+    key(
+        "base_delay_ms",
+        Kind::Int {
+            min: 0,
+            max: DAY_MS,
+        },
+    ),
+    key(
+        "multiplier",
+        Kind::Float {
+            min: 1.0,
+            max: 10.0,
+        },
+    ),
+    key(
+        "max_delay_ms",
+        Kind::Int {
+            min: 0,
+            max: DAY_MS,
+        },
+    ),
+    key("jitter", Kind::Enum(&["equal", "full", "none"])),
+];
 
 /// One settable key, as the CLI and docs want to list it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -565,9 +675,16 @@ fn validate_tree(
             None | Some(Value::Null) => Lit::Null,
             Some(Value::String(s)) => Lit::Str(s.clone()),
             Some(Value::Bool(b)) => Lit::Bool(*b),
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(u) => Lit::Uint(u),
-                None => Lit::Other("a number out of range"),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .map_or(Lit::Other("a list of non-strings"), Lit::List),
+            Some(Value::Number(n)) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+                (Some(u), _, _) => Lit::Uint(u),
+                (None, Some(i), _) => Lit::Neg(i),
+                (None, None, Some(f)) => Lit::Float(f),
+                _ => Lit::Other("a number out of range"),
             },
             Some(_) => Lit::Other("a structured value"),
         };
@@ -594,6 +711,8 @@ enum Lit {
     Uint(u64),
     Neg(i64),
     Float(f64),
+    /// A list of strings.
+    List(Vec<String>),
     /// Not a literal; the text says what it is instead.
     Other(&'static str),
 }
@@ -605,6 +724,7 @@ impl Lit {
             Lit::Str(_) => "a string".into(),
             Lit::Bool(_) => "a bool".into(),
             Lit::Uint(_) | Lit::Neg(_) | Lit::Float(_) => "a number".into(),
+            Lit::List(_) => "a list".into(),
             Lit::Other(what) => (*what).into(),
         }
     }
@@ -614,7 +734,18 @@ impl Lit {
 fn check(kind: Kind, lit: Lit) -> Result<Value, String> {
     let wrong = |lit: &Lit| format!("expected {}, found {}", kind.expected(), lit.describe());
     match (kind, lit) {
-        (Kind::OptStr | Kind::OptBool | Kind::OptUrl(_), Lit::Null) => Ok(Value::Null),
+        (Kind::OptStr | Kind::OptBool | Kind::OptUrl(_) | Kind::OptAddr, Lit::Null) => {
+            Ok(Value::Null)
+        }
+        (Kind::OptAddr, Lit::Str(s)) if s.is_empty() => Ok(Value::Null),
+        (Kind::AddrList, Lit::List(items)) => {
+            for s in &items {
+                if !valid_addr(s) {
+                    return Err(format!("expected host:port, found {s:?}"));
+                }
+            }
+            Ok(Value::from(items))
+        }
         (Kind::OptStr, Lit::Str(s)) if s.is_empty() => Ok(Value::Null),
         (Kind::OptUrl(_), Lit::Str(s)) if s.is_empty() => Ok(Value::Null),
         (Kind::Str | Kind::OptStr, Lit::Str(s)) => Ok(Value::String(s)),
@@ -630,6 +761,9 @@ fn check(kind: Kind, lit: Lit) -> Result<Value, String> {
         }
         (Kind::Int { min, .. }, Lit::Neg(n)) => Err(format!("must be at least {min}, found {n}")),
         (Kind::Int { .. }, Lit::Float(f)) => Err(format!("expected a whole number, found {f}")),
+        (Kind::Float { min, max }, Lit::Uint(n)) => float_in(n as f64, min, max),
+        (Kind::Float { min, max }, Lit::Neg(n)) => float_in(n as f64, min, max),
+        (Kind::Float { min, max }, Lit::Float(f)) => float_in(f, min, max),
         (Kind::Enum(allowed), Lit::Str(s)) => {
             if allowed.contains(&s.as_str()) {
                 Ok(Value::String(s))
@@ -653,7 +787,7 @@ fn check(kind: Kind, lit: Lit) -> Result<Value, String> {
                 ))
             }
         }
-        (Kind::Addr, Lit::Str(s)) => {
+        (Kind::Addr | Kind::OptAddr, Lit::Str(s)) => {
             if valid_addr(&s) {
                 Ok(Value::String(s))
             } else {
@@ -662,6 +796,21 @@ fn check(kind: Kind, lit: Lit) -> Result<Value, String> {
         }
         (_, lit) => Err(wrong(&lit)),
     }
+}
+
+fn float_in(f: f64, min: f64, max: f64) -> Result<Value, String> {
+    if !f.is_finite() {
+        return Err(format!("expected a finite number, found {f}"));
+    }
+    if f < min {
+        return Err(format!("must be at least {min}, found {f}"));
+    }
+    if f > max {
+        return Err(format!("must be at most {max}, found {f}"));
+    }
+    serde_json::Number::from_f64(f)
+        .map(Value::Number)
+        .ok_or_else(|| format!("expected a finite number, found {f}"))
 }
 
 fn valid_addr(s: &str) -> bool {
@@ -704,12 +853,23 @@ fn parse_raw(kind: Kind, raw: &str) -> Result<Value, String> {
                 return Err(format!("expected a number, found {raw:?}"));
             }
         }
+        Kind::Float { .. } => match raw.trim().parse::<f64>() {
+            Ok(f) => Lit::Float(f),
+            Err(_) => return Err(format!("expected a number, found {raw:?}")),
+        },
         Kind::Bool | Kind::OptBool => match raw.trim().to_ascii_lowercase().as_str() {
             "" if matches!(kind, Kind::OptBool) => Lit::Null,
             "true" | "1" | "yes" | "on" => Lit::Bool(true),
             "false" | "0" | "no" | "off" => Lit::Bool(false),
             _ => return Err(format!("expected true or false, found {raw:?}")),
         },
+        Kind::AddrList => Lit::List(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
+        ),
         _ => Lit::Str(raw.to_string()),
     };
     check(kind, lit)
@@ -871,7 +1031,14 @@ fn literal(expr: &Expression) -> Lit {
                 _ => Lit::Other("an expression"),
             }
         }
-        Expression::Array(_) => Lit::Other("a list"),
+        Expression::Array(items) => items
+            .iter()
+            .map(|e| match literal(e) {
+                Lit::Str(s) => Some(s),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .map_or(Lit::Other("a list of non-strings"), Lit::List),
         Expression::Object(_) => Lit::Other("an object"),
         Expression::StringTemplate(_) | Expression::HeredocTemplate(_) => {
             Lit::Other("a template (interpolation is not supported)")
@@ -912,6 +1079,12 @@ worker {
   id = "w1"
   slots = 3
 }
+membership {
+  bind = "0.0.0.0:7946"
+  join = ["10.0.0.1:7946", "10.0.0.2:7946"]
+  encrypt_key = "k"
+  probe_interval_ms = 500
+}
 log { format = "json" }
 "#;
 
@@ -934,9 +1107,10 @@ log { format = "json" }
                 Kind::Str | Kind::OptStr => "x".to_string(),
                 Kind::Bool | Kind::OptBool => "false".to_string(),
                 Kind::Int { min, .. } => min.to_string(),
+                Kind::Float { min, .. } => min.to_string(),
                 Kind::Enum(v) => v[v.len() - 1].to_string(),
                 Kind::Url(p) | Kind::OptUrl(p) => format!("{}x", p[p.len() - 1]),
-                Kind::Addr => "127.0.0.1:1".to_string(),
+                Kind::Addr | Kind::OptAddr | Kind::AddrList => "127.0.0.1:1".to_string(),
             };
             let mut cfg = Config::default();
             cfg.set(&info.path, &raw)
@@ -944,6 +1118,30 @@ log { format = "json" }
             assert_ne!(cfg, Config::default(), "{} changed nothing", info.path);
             cfg.validate().expect("still valid");
         }
+    }
+
+    #[test]
+    fn membership_join_list_in_file_env_and_flags() {
+        let cfg = Config::from_hcl_str(FULL, "t.hcl").expect("valid");
+        assert_eq!(cfg.membership.join, ["10.0.0.1:7946", "10.0.0.2:7946"]);
+        assert_eq!(cfg.membership.probe_timeout_ms, 500);
+        let mut cfg = Config::default();
+        cfg.apply_env(
+            [(
+                "TRANSCODE_MEMBERSHIP_JOIN".to_string(),
+                "127.0.0.1:1, 127.0.0.1:2".to_string(),
+            )]
+            .into_iter(),
+        )
+        .expect("env list");
+        assert_eq!(cfg.membership.join, ["127.0.0.1:1", "127.0.0.1:2"]);
+        let err = cfg
+            .set("membership.join", "127.0.0.1:1,nope")
+            .expect_err("bad address");
+        assert!(err.to_string().contains("\"nope\""), "{err}");
+        let err = Config::from_hcl_str("membership {\n  join = [1]\n}\n", "m.hcl")
+            .expect_err("not strings");
+        assert_eq!(err.position(), Some((2, 10)), "{err}");
     }
 
     #[test]

@@ -60,6 +60,7 @@ catalog! {
     TaskRequeued(TaskRequeued),
     TaskReleased(TaskReleased),
     TaskResolved(TaskResolved),
+    RenditionUploaded(RenditionUploaded),
 }
 
 /// The 17 names the mission fixes, in the mission's order.
@@ -128,6 +129,10 @@ pub struct VideoTranscoded {
     /// Rungs left out because they were taller than the source.
     #[serde(default)]
     pub dropped: Vec<String>,
+    /// Rungs not transcoded again because an earlier attempt of the task had already uploaded
+    /// them (a resumed task; see `RenditionUploaded`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reused: Vec<String>,
     pub duration_ms: u64,
     pub millis: u64,
 }
@@ -140,6 +145,26 @@ pub struct UploadedOutput {
     pub sha256: String,
     /// False when an identical object was already there (a resumed task).
     pub uploaded: bool,
+}
+
+/// One rendition is safely in the object store. Written (fenced) as each upload completes,
+/// before the next starts, so a task that escalates or is lost half-way through its uploads
+/// leaves a durable record of what is done; a resumed attempt skips those rungs (in the
+/// transcode and the upload) when the object is still there with this size and was made from
+/// the same source bytes. It carries what the manifest needs, so skipped rungs can be merged
+/// into the new manifest without probing them. See docs/decisions.md, "Resuming".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenditionUploaded {
+    pub name: String,
+    pub url: String,
+    pub bytes: u64,
+    pub sha256: String,
+    /// sha256 of the source the rendition was made from.
+    pub source_sha256: String,
+    pub width: u32,
+    pub height: u32,
+    pub video_kbps: u32,
+    pub duration_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -423,7 +448,7 @@ mod tests {
             );
         }
         // Extras never shadow or rename a mission name.
-        assert_eq!(EventType::ALL.len(), 25);
+        assert_eq!(EventType::ALL.len(), 26);
         let mut all: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
         all.sort_unstable();
         all.dedup();

@@ -1,6 +1,7 @@
 //! `manifest.json`, written next to a task's outputs: what each rendition is, measured from the
-//! file itself, and its sha256. Players and downstream jobs read it, and a resumed task uses it
-//! to tell what is already uploaded, so its shape is a public contract (docs/protocol.md).
+//! file itself, and its sha256. Players and downstream jobs read it, so its shape is a public
+//! contract (docs/protocol.md). It is written last, after every rendition; what a resumed task
+//! may skip comes from the `RenditionUploaded` events instead (docs/decisions.md, "Resuming").
 
 use crate::TaskId;
 use chrono::{DateTime, Utc};

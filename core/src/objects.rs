@@ -575,16 +575,20 @@ fn build_s3(cfg: &S3Config, bucket: &str) -> Result<object_store::aws::AmazonS3,
         .with_connect_timeout(Duration::from_secs(cfg.connect_timeout_secs))
         .with_timeout_disabled()
         .with_read_timeout(Duration::from_secs(cfg.timeout_secs));
-    // Our own retry policy (with backoff, attempt counting and events) decides whether to try
-    // an operation again. object_store retrying underneath it would multiply attempts and hide
-    // slow failures, so it gets one quick retry for a stale pooled connection and no more.
+    // Our own retry policy (crate::retry: backoff, attempt counting, an event per retry)
+    // decides whether to try an operation again. object_store retrying underneath it would
+    // multiply attempts, hide failures from the events, and make one of our attempts cost an
+    // unknown number of requests, so it does not retry at all: one attempt is one request. A
+    // request lost on a stale pooled connection before it was written is resent by the HTTP
+    // client itself (hyper retries canceled requests), which is the case a quick inner retry
+    // used to cover.
     let retry = RetryConfig {
         backoff: BackoffConfig {
             init_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_millis(500),
             base: 2.0,
         },
-        max_retries: 1,
+        max_retries: 0,
         retry_timeout: Duration::from_secs(10),
     };
     let mut builder = AmazonS3Builder::new()

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use transcode_core::config::{Config, ConfigError, LogFormat};
+use transcode_core::retry::Jitter;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -270,9 +271,9 @@ fn other_schema_mistakes_have_positions() {
              or postgresql://, found \"mysql://h/db\"",
         ),
         (
-            "membership {\n}\n",
-            "transcode.hcl:1:1: unknown block \"membership\" at the top level (expected one \
-             of: store, objects, scaler, worker, log)",
+            "cluster {\n}\n",
+            "transcode.hcl:1:1: unknown block \"cluster\" at the top level (expected one \
+             of: store, objects, scaler, worker, membership, retry, log)",
         ),
         (
             "objects {\n  s3 {\n    endpont = \"http://x\"\n  }\n}\n",
@@ -335,5 +336,63 @@ fn every_key_has_an_env_name() {
         find("worker.drain_timeout_seconds").as_deref(),
         Some("TRANSCODE_WORKER_DRAIN_TIMEOUT_SECONDS")
     );
-    assert_eq!(keys.len(), 2 + 9 + 5 + 7 + 2);
+    // store, objects.s3, scaler, worker, membership, retry.pull + retry.push, log.
+    assert_eq!(keys.len(), 2 + 9 + 5 + 7 + 7 + 2 * 5 + 2);
+    assert_eq!(
+        find("retry.push.base_delay_ms").as_deref(),
+        Some("TRANSCODE_RETRY_PUSH_BASE_DELAY_MS")
+    );
+}
+
+#[test]
+fn retry_policies_from_file_env_and_flags() {
+    let src = "retry {\n  pull {\n    max_attempts = 3\n    multiplier = 1.5\n    jitter = \"full\"\n  }\n  push {\n    base_delay_ms = 50\n    max_delay_ms = 400\n  }\n}\n";
+    let mut cfg = Config::from_hcl_str(src, "retry.hcl").expect("valid");
+    assert_eq!(cfg.retry.pull.max_attempts, 3);
+    assert!((cfg.retry.pull.multiplier - 1.5).abs() < f64::EPSILON);
+    assert_eq!(cfg.retry.pull.jitter, Jitter::Full);
+    // Keys left out keep the defaults: 500 ms doubling to 30 s, 5 attempts.
+    assert_eq!(cfg.retry.pull.base_delay_ms, 500);
+    assert_eq!(cfg.retry.push.base_delay_ms, 50);
+    assert_eq!(cfg.retry.push.max_delay_ms, 400);
+    assert_eq!(cfg.retry.push.max_attempts, 5);
+    assert!((cfg.retry.push.multiplier - 2.0).abs() < f64::EPSILON);
+
+    cfg.apply_env(env(&[
+        ("TRANSCODE_RETRY_PUSH_MAX_ATTEMPTS", "7"),
+        ("TRANSCODE_RETRY_PULL_MULTIPLIER", "3"),
+    ]))
+    .expect("env applies");
+    assert_eq!(cfg.retry.push.max_attempts, 7);
+    assert!((cfg.retry.pull.multiplier - 3.0).abs() < f64::EPSILON);
+    cfg.set("retry.pull.jitter", "none").expect("flag applies");
+    assert_eq!(cfg.retry.pull.jitter, Jitter::None);
+    cfg.validate().expect("still valid");
+
+    let err = cfg
+        .set("retry.pull.multiplier", "0.5")
+        .expect_err("shrinking delays");
+    assert_eq!(
+        err.to_string(),
+        "retry.pull.multiplier: must be at least 1, found 0.5"
+    );
+    let err = cfg
+        .set("retry.push.max_attempts", "0")
+        .expect_err("no attempt at all");
+    assert_eq!(
+        err.to_string(),
+        "retry.push.max_attempts: must be at least 1, found 0"
+    );
+    let err = Config::from_hcl_str(
+        "retry {\n  pull {\n    jitter = \"some\"\n  }\n}\n",
+        "r.hcl",
+    )
+    .expect_err("unknown jitter");
+    assert_eq!(err.position(), Some((3, 14)), "{err}");
+    let err = Config::from_hcl_str(
+        "retry {\n  pull {\n    base_delay_ms = 1.5\n  }\n}\n",
+        "r.hcl",
+    )
+    .expect_err("fractional milliseconds");
+    assert!(err.to_string().contains("expected a whole number"), "{err}");
 }

@@ -624,6 +624,107 @@ async fn members_upsert(s: Arc<dyn Store>) {
     s.ping().await.expect("ping");
 }
 
+/// `Fence::Status`: an admin write that applies only to a task in one status (resolving an
+/// escalated task). Against any other status it is `WrongStatus` and writes nothing, not even
+/// its events, including against `running`, where `Fence::Admin` would have been allowed to
+/// move the task.
+async fn status_fence_only_moves_that_status(s: Arc<dyn Store>) {
+    let id = s.insert_task(&spec(1), &[]).await.expect("insert").task.id;
+    let resolved = |action: &str| {
+        origin().event(
+            Some(id),
+            EventBody::TaskResolved(TaskResolved {
+                by: "admin".into(),
+                action: action.into(),
+                reason: "x".into(),
+            }),
+        )
+    };
+    let count = |s: Arc<dyn Store>| async move {
+        s.events(&EventFilter {
+            task_id: Some(id),
+            limit: 100,
+            ..EventFilter::default()
+        })
+        .await
+        .expect("events")
+        .len()
+    };
+    let fence = Fence::Status(TaskStatus::Escalated);
+    for to in [TaskStatus::Queued, TaskStatus::Failed] {
+        match s
+            .transition(id, fence, to, &Patch::default(), &[resolved("retry")])
+            .await
+        {
+            Err(StoreError::WrongStatus {
+                status, expected, ..
+            }) => {
+                assert_eq!(status, TaskStatus::Queued);
+                assert_eq!(expected, "escalated");
+            }
+            other => panic!("expected WrongStatus, got {other:?}"),
+        }
+    }
+    let t = s.claim(id, &who("w"), LEASE, &[]).await.expect("claim");
+    match s
+        .transition(
+            id,
+            fence,
+            TaskStatus::Failed,
+            &Patch::default(),
+            &[resolved("fail")],
+        )
+        .await
+    {
+        Err(StoreError::WrongStatus { status, .. }) => assert_eq!(status, TaskStatus::Running),
+        other => panic!("expected WrongStatus on a running task, got {other:?}"),
+    }
+    let running = s.get_task(id).await.expect("get");
+    assert_eq!(running.status, TaskStatus::Running);
+    assert_eq!(running.lease_token, t.lease_token);
+    assert_eq!(count(s.clone()).await, 0, "refused writes log nothing");
+
+    s.transition(
+        id,
+        Fence::Token(t.lease_token),
+        TaskStatus::Escalated,
+        &Patch::default(),
+        &[],
+    )
+    .await
+    .expect("escalate");
+    let failed = s
+        .transition(
+            id,
+            fence,
+            TaskStatus::Failed,
+            &Patch {
+                error_code: Some("operator_failed".into()),
+                error_message: Some("bad source".into()),
+                ..Patch::default()
+            },
+            &[resolved("fail")],
+        )
+        .await
+        .expect("resolve fail");
+    assert_eq!(failed.status, TaskStatus::Failed);
+    assert_eq!(failed.error_message.as_deref(), Some("bad source"));
+    assert_eq!(count(s.clone()).await, 1);
+    // Resolving twice is refused the same way.
+    assert!(matches!(
+        s.transition(
+            id,
+            fence,
+            TaskStatus::Queued,
+            &Patch::default(),
+            &[resolved("retry")]
+        )
+        .await,
+        Err(StoreError::WrongStatus { .. })
+    ));
+    assert_eq!(count(s).await, 1);
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite_store {
@@ -664,4 +765,5 @@ conformance!(
     state_machine_is_enforced,
     events_batches_and_cursor,
     members_upsert,
+    status_fence_only_moves_that_status,
 );

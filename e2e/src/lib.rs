@@ -4,6 +4,8 @@
 //! from `scripts/task test` through `TRANSCODE_TEST_*`; with `TRANSCODE_REQUIRE_SERVICES=1`
 //! (CI) a missing one fails the test instead of skipping it.
 
+pub mod faultproxy;
+
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -3,5 +3,6 @@
 //! run the same code.
 
 pub mod client;
+pub mod gossip;
 pub mod pipeline;
 pub mod transcode;

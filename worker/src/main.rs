@@ -57,6 +57,12 @@ struct Args {
     /// Test and benchmark only: skip pull/transcode/push but write every event.
     #[arg(long, hide = true)]
     noop_transcode: bool,
+    /// Gossip listen address, host:port (overrides membership.bind).
+    #[arg(long)]
+    gossip_bind: Option<String>,
+    /// Gossip members to join, comma-separated host:port (overrides membership.join).
+    #[arg(long)]
+    gossip_join: Option<String>,
 }
 
 fn hostname() -> String {
@@ -94,7 +100,7 @@ async fn main() -> std::process::ExitCode {
 async fn run() -> Result<()> {
     let a = Args::parse();
     let mut cfg = Config::load(a.config.as_deref())?;
-    let sets: [(&str, Option<String>); 10] = [
+    let sets: [(&str, Option<String>); 12] = [
         ("store.url", a.store.clone()),
         ("scaler.dispatch", a.dispatch.clone()),
         ("scaler.events_sub", a.events.clone()),
@@ -114,6 +120,8 @@ async fn run() -> Result<()> {
             a.drain_timeout_seconds.map(|v| v.to_string()),
         ),
         ("worker.http", a.http.clone()),
+        ("membership.bind", a.gossip_bind.clone()),
+        ("membership.join", a.gossip_join.clone()),
     ];
     for (key, v) in sets {
         if let Some(v) = v {
@@ -178,6 +186,7 @@ async fn run() -> Result<()> {
     let zctx = zmq::Context::new();
     let (bus, _pub_handle) = transcode_core::bus::publisher(&zctx, &cfg.scaler.events_sub)?;
     let metrics = Arc::new(Registry::new());
+    transcode_worker::pipeline::describe_metrics(&metrics);
     let objects = Objects::new(cfg.objects.clone());
     let ctx = Arc::new(Ctx {
         store: store.clone(),
@@ -189,6 +198,7 @@ async fn run() -> Result<()> {
         metrics: metrics.clone(),
         mode,
         stall_timeout: Duration::from_secs(a.stall_timeout_seconds.max(1)),
+        retry: cfg.retry.clone(),
     });
 
     let health_store = store.clone();
@@ -204,6 +214,15 @@ async fn run() -> Result<()> {
     let http = transcode_core::http::serve(&cfg.worker.http, health, metrics.clone())
         .await
         .with_context(|| format!("http listen {}", cfg.worker.http))?;
+    let gossip = transcode_worker::gossip::Gossip::start(
+        &cfg.membership,
+        &id,
+        &node,
+        cfg.worker.slots,
+        stop_rx.clone(),
+    )
+    .await
+    .context("starting gossip")?;
     // One machine-readable line so supervisors and tests can find us.
     println!(
         "{}",
@@ -222,6 +241,7 @@ async fn run() -> Result<()> {
         stop_rx,
     )
     .await?;
+    gossip.leave().await;
     let Exit::Drained { released } = exit;
     tracing::info!(released, "drained; exiting");
     Ok(())

@@ -34,7 +34,11 @@
 //! - **Audio** is encoded once, at the highest `audio_kbps` among the kept rungs (the ladder's
 //!   best audio costs little next to its video), and the same AAC stream goes to every output.
 //! - **Bounded time.** Errors on the bus end the run at once; a stall watchdog fails the run when
-//!   no rung's encoded position moves for `stall_timeout`; a hard timeout caps the whole run.
+//!   the slowest rung's encoded position has not moved for `stall_timeout`; a hard timeout caps
+//!   the whole run. The probe is bounded too, and retries a discovery that timed out, because
+//!   GStreamer 1.22's decodebin can drop a demuxer's error (see `discover.rs`). The input must
+//!   be a regular local file: a blocking read (a FIFO, a hung network mount) cannot be
+//!   interrupted by tearing a pipeline down.
 //! - **Outputs are checked** with `Discoverer` after EOS: H.264 video of the planned size, AAC
 //!   audio when the source has audio, and a duration no shorter than the source's less
 //!   `max(500 ms, 1 %)`. A truncated MP4 whose index survived decodes to a clean EOS with half
@@ -56,6 +60,10 @@ use std::time::{Duration, Instant};
 
 use gstreamer as gst;
 use transcode_core::spec::{CodecPreset, Rendition};
+
+/// x264 threads per rung (see the module doc); public so benchmarks can give their baselines
+/// byte-identical encoder settings.
+pub const X264_THREADS: u32 = 2;
 
 /// The default for [`TranscodeJob::stall_timeout`].
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);

@@ -497,31 +497,3 @@ fn a_missing_input_is_an_io_error() {
         other => panic!("expected Io, got {other:?}"),
     }
 }
-
-#[test]
-fn zz_stress_probe_half() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let whole = dir.path().join("whole.mp4");
-    Clip::new(640, 360).make(&whole);
-    let input = dir.path().join("half.mp4");
-    truncate_to_half(&whole, &input);
-    let handles: Vec<_> = (0..1)
-        .map(|t| {
-            let input = input.clone();
-            std::thread::spawn(move || {
-                for i in 0..100 {
-                    let start = std::time::Instant::now();
-                    let r = probe(&input, Duration::from_secs(5));
-                    if !matches!(r, Err(TranscodeError::Corrupt { .. }))
-                        || start.elapsed() > Duration::from_secs(2)
-                    {
-                        eprintln!("thread {t} iter {i}: {r:?} after {:?}", start.elapsed());
-                    }
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("join");
-    }
-}

@@ -70,6 +70,10 @@ pub enum Fence {
     Token(i64),
     /// An operator or the scaler, acting on the row as it is now.
     Admin,
+    /// An operator acting only on a task in exactly this status (resolving an escalated task):
+    /// in any other status the write is refused with `WrongStatus` and nothing changes. The
+    /// check runs on the locked row, so it cannot race another writer as a read-then-write can.
+    Status(TaskStatus),
 }
 
 /// Fields a transition may set besides the status.
@@ -262,14 +266,26 @@ pub(crate) fn recovery_target(attempts: u32, max_attempts: u32) -> TaskStatus {
 
 /// Shared by both stores: checks a fence against the row's current token and status.
 pub(crate) fn check_fence(task: &Task, fence: Fence) -> StoreResult<()> {
-    if let Fence::Token(held) = fence {
-        if task.status != TaskStatus::Running || held != task.lease_token {
-            return Err(StoreError::StaleToken {
-                id: task.id,
-                held,
-                current: task.lease_token,
-            });
+    match fence {
+        Fence::Token(held) => {
+            if task.status != TaskStatus::Running || held != task.lease_token {
+                return Err(StoreError::StaleToken {
+                    id: task.id,
+                    held,
+                    current: task.lease_token,
+                });
+            }
         }
+        Fence::Status(expected) => {
+            if task.status != expected {
+                return Err(StoreError::WrongStatus {
+                    id: task.id,
+                    status: task.status,
+                    expected: expected.as_str(),
+                });
+            }
+        }
+        Fence::Admin => {}
     }
     Ok(())
 }

@@ -19,7 +19,42 @@ pub(super) fn truncation_tolerance_ms(expected_ms: u64) -> u64 {
     500.max(expected_ms / 100)
 }
 
+/// How long one discovery attempt may take before it is tried again (see [`discover`]).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Short attempts before the last one, which gets the caller's whole timeout.
+const SHORT_ATTEMPTS: usize = 3;
+
+/// Discovers a local file, retrying a discovery that timed out.
+///
+/// GStreamer 1.22's decodebin drops an error raised by an element it is still plugging in: a
+/// demuxer in pull mode starts its own thread on activation and can fail (on a truncated MP4,
+/// say) before decodebin stops filtering its errors. The error is then lost and the discovery
+/// waits for its timeout, about one time in five in a tight loop. Discovering a local file takes
+/// well under a second, so a few short attempts find the real error quickly, and the last
+/// attempt, with the whole timeout, still covers a slow machine.
 fn discover(path: &Path, timeout: Duration) -> Result<pbutils::DiscovererInfo, TranscodeError> {
+    let short = ATTEMPT_TIMEOUT.min(timeout);
+    let attempts =
+        std::iter::repeat_n(short, SHORT_ATTEMPTS).chain((timeout > short).then_some(timeout));
+    let mut last = None;
+    for (i, attempt) in attempts.enumerate() {
+        match discover_once(path, attempt) {
+            Err(e @ TranscodeError::Timeout { .. }) => {
+                tracing::debug!(path = %path.display(), attempt = i + 1, "discovery timed out; retrying");
+                last = Some(e);
+            }
+            other => return other,
+        }
+    }
+    Err(last.unwrap_or(TranscodeError::Timeout {
+        secs: timeout.as_secs(),
+    }))
+}
+
+fn discover_once(
+    path: &Path,
+    timeout: Duration,
+) -> Result<pbutils::DiscovererInfo, TranscodeError> {
     let uri = gst::glib::filename_to_uri(path, None).map_err(|e| TranscodeError::Io {
         path: path.to_path_buf(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),

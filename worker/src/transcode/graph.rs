@@ -12,12 +12,7 @@ use gstreamer as gst;
 use transcode_core::spec::CodecPreset;
 
 use super::ladder::Plan;
-use super::{SourceInfo, TranscodeError};
-
-/// Encoder threads per rung. The rungs run in parallel, so the ladder already gives x264 more
-/// threads than this machine has cores; x264's own default (1.5 × cores per encoder) only adds
-/// frame threads whose lookahead latency and context switches cost more than they bring.
-pub(super) const X264_THREADS: u32 = 2;
+use super::{SourceInfo, TranscodeError, X264_THREADS};
 
 /// What one rung's encoded stream has done so far, written from the streaming thread.
 #[derive(Debug, Default)]

@@ -49,7 +49,7 @@ fn invalid(message: String) -> TranscodeError {
 }
 
 fn even_floor(v: u64) -> u32 {
-    u32::try_from(v & !1).unwrap_or(u32::MAX & !1).max(2)
+    u32::try_from(v & !1).unwrap_or(u32::MAX - 1).max(2)
 }
 
 pub(super) fn key_int_max((num, den): (i32, i32)) -> u32 {
