@@ -29,6 +29,7 @@ APT_PACKAGES=(
   ffmpeg
   postgresql
   protobuf-compiler
+  libprotobuf-dev
   serf
 )
 

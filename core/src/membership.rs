@@ -264,7 +264,12 @@ impl Membership {
         }
         let mut ml = MemberlistOptions::lan()
             .with_probe_interval(s.probe_interval)
-            .with_probe_timeout(s.probe_timeout);
+            .with_probe_timeout(s.probe_timeout)
+            // A worker restarted under the same id binds a new ephemeral port. Memberlist
+            // refuses a known name at a new address unless the old one has been dead this
+            // long (default: never, until reaped an hour later), so without this the restart
+            // would stay outside the cluster.
+            .with_dead_node_reclaim_time(s.probe_interval);
         if let Some(k) = s.key {
             ml = ml
                 .with_primary_key(SecretKey::Aes256(k))
@@ -275,7 +280,7 @@ impl Membership {
         let opts = Options::new()
             .with_memberlist_options(ml)
             // A failed member is forgotten after this long; a restart under the same id
-            // rejoins as a fresh member in any case.
+            // reclaims its name sooner (dead_node_reclaim_time above).
             .with_reconnect_timeout(Duration::from_secs(3600))
             .with_tags(tags.to_serf().into_iter());
         let (producer, subscriber) = EventProducer::bounded(EVENT_CAPACITY);

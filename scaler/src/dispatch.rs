@@ -72,6 +72,19 @@ pub struct DispatchStats {
     pub in_flight: usize,
 }
 
+/// One connected worker as the autoscaler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerView {
+    pub worker: String,
+    pub node: String,
+    pub slots: u32,
+    /// Free slots it has announced and not been sent work for.
+    pub credits: u32,
+    /// Tasks sent to it and not reported done.
+    pub tasks: usize,
+    pub draining: bool,
+}
+
 #[derive(Debug)]
 struct WorkerEntry {
     identity: Vec<u8>,
@@ -85,6 +98,8 @@ struct WorkerEntry {
     last_pick: u64,
     /// Registration order, the final tie-break, so picks are deterministic.
     registered: u64,
+    /// When its HELLO arrived: tells a restarted incarnation from the one gossip saw die.
+    hello_at: Instant,
 }
 
 impl WorkerEntry {
@@ -250,6 +265,7 @@ impl Dispatcher {
                 last_seen: now,
                 last_pick: 0,
                 registered: self.registrations,
+                hello_at: now,
             },
         );
         Vec::new()
@@ -385,6 +401,40 @@ impl Dispatcher {
             identity: w.identity.clone(),
             frame: DispatcherFrame::Drain,
         })
+    }
+
+    /// [`Dispatcher::drain`] for a worker gossip declared failed, last heard from at
+    /// `last_seen`. A worker that restarted under the same id sent its HELLO after that, and
+    /// is a new, healthy incarnation: it keeps its place (`None`).
+    pub fn drain_failed(&mut self, worker: &str, last_seen: Instant) -> Option<Outgoing> {
+        let identity = self.by_id.get(worker)?;
+        if self.workers.get(identity)?.hello_at > last_seen {
+            tracing::info!(%worker, "not draining: the worker restarted after gossip last saw it");
+            return None;
+        }
+        self.drain(worker)
+    }
+
+    /// Every connected worker, sorted by id.
+    pub fn workers(&self) -> Vec<WorkerView> {
+        let mut tasks: HashMap<&str, usize> = HashMap::new();
+        for f in self.in_flight.values() {
+            *tasks.entry(f.worker.as_str()).or_default() += 1;
+        }
+        let mut out: Vec<WorkerView> = self
+            .workers
+            .values()
+            .map(|w| WorkerView {
+                worker: w.worker.clone(),
+                node: w.node.clone(),
+                slots: w.slots,
+                credits: w.credits,
+                tasks: tasks.get(w.worker.as_str()).copied().unwrap_or(0),
+                draining: w.draining,
+            })
+            .collect();
+        out.sort_by(|a, b| a.worker.cmp(&b.worker));
+        out
     }
 
     pub fn stats(&self) -> DispatchStats {
@@ -730,5 +780,25 @@ mod tests {
         assert!(d.next_dispatches(now).is_empty());
         assert_eq!(d.stats().draining, 2);
         assert_eq!(d.drain("nobody"), None);
+    }
+
+    #[test]
+    fn a_late_failure_notice_spares_a_restarted_incarnation() {
+        let t0 = Instant::now();
+        let mut d = Dispatcher::new(cfg());
+        d.on_frame(b"old", hello("w1", 2), t0);
+        let died = t0 + Duration::from_secs(1);
+        // Restarted under the same id after gossip last heard the old process.
+        d.on_frame(b"new", hello("w1", 2), died + Duration::from_secs(1));
+        assert_eq!(d.drain_failed("w1", died), None);
+        assert_eq!(d.stats().draining, 0);
+        // The incarnation gossip saw die is drained as before.
+        let later = died + Duration::from_secs(5);
+        assert_eq!(
+            d.drain_failed("w1", later).map(|o| o.identity),
+            Some(b"new".to_vec())
+        );
+        assert_eq!(d.stats().draining, 1);
+        assert_eq!(d.drain_failed("nobody", later), None);
     }
 }

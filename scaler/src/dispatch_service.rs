@@ -148,6 +148,18 @@ impl DispatchHandle {
         ids.iter().copied().filter(|id| d.wants(id, now)).collect()
     }
 
+    /// Drains a worker gossip declared failed, unless it said HELLO after `last_seen` (it
+    /// restarted under the same id); see [`Dispatcher::drain_failed`].
+    pub fn drain_failed(&self, worker: &str, last_seen: Instant) -> bool {
+        self.apply(|d, _, out| match d.drain_failed(worker, last_seen) {
+            Some(o) => {
+                out.push(o);
+                true
+            }
+            None => false,
+        })
+    }
+
     /// Sends DRAIN to a worker and gives it no more tasks. False when it is not connected.
     pub fn drain(&self, worker: &str) -> bool {
         self.apply(|d, _, out| match d.drain(worker) {
@@ -161,6 +173,11 @@ impl DispatchHandle {
 
     pub fn stats(&self) -> DispatchStats {
         self.lock().stats()
+    }
+
+    /// Every connected worker (see [`crate::dispatch::WorkerView`]).
+    pub fn workers(&self) -> Vec<crate::dispatch::WorkerView> {
+        self.lock().workers()
     }
 
     pub fn socket_ok(&self) -> bool {

@@ -271,7 +271,15 @@ impl Loop {
         }
         d.dispatch.forget(&gone);
         d.dispatch.offer(&requeue, true);
-        d.dispatch.drain(&m.id);
+        // The failure can be noticed after the worker restarted under the same id and said
+        // HELLO again; only the incarnation gossip last heard before it died is drained.
+        let silent_for = (chrono::Utc::now() - m.last_seen)
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let last_seen = Instant::now()
+            .checked_sub(silent_for)
+            .unwrap_or_else(Instant::now);
+        d.dispatch.drain_failed(&m.id, last_seen);
     }
 }
 
