@@ -6,6 +6,7 @@ mod dev;
 mod follow;
 mod members;
 mod output;
+mod scaling;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{ArgGroup, Args, Parser, Subcommand};
@@ -70,6 +71,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Inspect the autoscaler of the leading scaler.
+    #[command(subcommand)]
+    Scaling(ScalingCmd),
     /// Cancel a queued, running or escalated task.
     Cancel {
         id: TaskId,
@@ -80,6 +84,18 @@ enum Command {
     Validate {
         #[arg(long, value_name = "FILE")]
         spec: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScalingCmd {
+    /// Policies, current inputs, streaks, cooldowns and recent decisions (`/v1/scaling`).
+    Status {
+        /// The scaler's HTTP address; defaults to `scaler.http` from the config.
+        #[arg(long, value_name = "ADDR")]
+        scaler_http: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -223,7 +239,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 StoreError::WrongStatus { .. }
                 | StoreError::Illegal(_)
                 | StoreError::StaleToken { .. }
-                | StoreError::IdempotencyConflict { .. } => exit::CONFLICT,
+                | StoreError::IdempotencyConflict { .. }
+                | StoreError::LostLeadership(_) => exit::CONFLICT,
                 StoreError::Backend(_) | StoreError::Corrupt(_) => exit::FAILURE,
             };
         }
@@ -578,6 +595,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Members { json } => {
             let store = open_store(&cfg).await?;
             members::run(store, json).await?;
+        }
+        Command::Scaling(ScalingCmd::Status { scaler_http, json }) => {
+            let addr = scaler_http.unwrap_or_else(|| cfg.scaler.http.clone());
+            scaling::status(&addr, json).await?;
         }
         Command::Events(args) if args.follow => {
             follow::follow_bus(

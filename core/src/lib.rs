@@ -18,6 +18,7 @@ pub mod status;
 pub mod store;
 pub mod task;
 pub mod url;
+pub mod utilization;
 
 pub use events::{Event, EventBody, EventType, Origin};
 pub use spec::{Rendition, TaskSpec};

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use transcode_core::config::{Config, ConfigError, LogFormat};
+use transcode_core::config::{Config, ConfigError, LogFormat, PolicyConfig, ScalingConfig};
 use transcode_core::retry::Jitter;
 
 fn fixture(name: &str) -> PathBuf {
@@ -273,7 +273,7 @@ fn other_schema_mistakes_have_positions() {
         (
             "cluster {\n}\n",
             "transcode.hcl:1:1: unknown block \"cluster\" at the top level (expected one \
-             of: store, objects, scaler, worker, membership, retry, log)",
+             of: store, objects, scaler, worker, membership, retry, utilization, scaling, log)",
         ),
         (
             "objects {\n  s3 {\n    endpont = \"http://x\"\n  }\n}\n",
@@ -336,8 +336,25 @@ fn every_key_has_an_env_name() {
         find("worker.drain_timeout_seconds").as_deref(),
         Some("TRANSCODE_WORKER_DRAIN_TIMEOUT_SECONDS")
     );
-    // store, objects.s3, scaler, worker, membership, retry.pull + retry.push, log.
-    assert_eq!(keys.len(), 2 + 9 + 5 + 7 + 7 + 2 * 5 + 2);
+    // store, objects.s3, scaler, worker, membership, retry.pull + retry.push, utilization,
+    // scaling (enabled, node + container, local, nomad, command), log.
+    assert_eq!(
+        keys.len(),
+        2 + 9 + 5 + 7 + 7 + 2 * 5 + 4 + (1 + 2 * 13 + 5 + 7 + 6) + 2
+    );
+    // Env names are derived from paths; two keys must never collapse onto one variable.
+    let mut envs: Vec<&str> = keys.iter().map(|k| k.env.as_str()).collect();
+    envs.sort_unstable();
+    envs.dedup();
+    assert_eq!(envs.len(), keys.len());
+    assert_eq!(
+        find("scaling.node.cpu_high").as_deref(),
+        Some("TRANSCODE_SCALING_NODE_CPU_HIGH")
+    );
+    assert_eq!(
+        find("scaling.nomad.node_class").as_deref(),
+        Some("TRANSCODE_SCALING_NOMAD_NODE_CLASS")
+    );
     assert_eq!(
         find("retry.push.base_delay_ms").as_deref(),
         Some("TRANSCODE_RETRY_PUSH_BASE_DELAY_MS")
@@ -395,4 +412,440 @@ fn retry_policies_from_file_env_and_flags() {
     )
     .expect_err("fractional milliseconds");
     assert!(err.to_string().contains("expected a whole number"), "{err}");
+}
+
+const SCALING_FULL: &str = r#"
+utilization {
+  sample_interval_ms  = 1000
+  smoothing           = 0.5
+  publish_interval_ms = 3000
+  source              = "file:/tmp/synthetic.json"
+}
+
+scaling {
+  enabled = true
+  node {
+    target                 = "command"
+    evaluation_interval_ms = 20000
+    cooldown_up_ms         = 90000
+    cooldown_down_ms       = 600000
+    min                    = 2
+    max                    = 20
+    cpu_high               = 75.5
+    cpu_low                = 25
+    mem_high               = 85.0
+    within_bounds_trigger  = 4
+    backlog_per_slot       = 2.5
+    drain_deadline_seconds = 900
+    dry_run                = true
+  }
+  container {
+    target                 = "nomad"
+    evaluation_interval_ms = 2000
+    cooldown_up_ms         = 10000
+    cooldown_down_ms       = 60000
+    min                    = 0
+    max                    = 6
+    cpu_high               = 70
+    cpu_low                = 20
+    mem_high               = 80
+    within_bounds_trigger  = 2
+    backlog_per_slot       = 0.5
+    drain_deadline_seconds = 300
+    dry_run                = false
+  }
+  local {
+    worker_bin          = "/opt/transcode/bin/transcode-worker"
+    worker_config       = "/etc/transcode/worker.hcl"
+    containers_per_node = 2
+    slots               = 3
+    node_prefix         = "dev-"
+  }
+  nomad {
+    address    = "https://nomad.example:4646"
+    token      = "s3cr3t-acl-token"
+    namespace  = "media"
+    region     = "eu"
+    job        = "tw"
+    group      = "workers"
+    node_class = "transcode"
+  }
+  command {
+    add_node        = "terraform apply -auto-approve -var worker_nodes=$TRANSCODE_SCALE_COUNT"
+    remove_node     = "./remove.sh"
+    start_container = "./start.sh"
+    stop_container  = "./stop.sh"
+    list_nodes      = "./list.sh"
+    timeout_seconds = 1200
+  }
+}
+"#;
+
+#[test]
+fn scaling_defaults_match_the_documented_ones() {
+    let cfg = Config::default();
+    let u = &cfg.utilization;
+    assert_eq!(u.sample_interval_ms, 2000);
+    assert!((u.smoothing - 0.3).abs() < f64::EPSILON);
+    assert_eq!(u.publish_interval_ms, 5000);
+    assert_eq!(u.source, "procfs");
+    let s = &cfg.scaling;
+    assert!(!s.enabled);
+    assert_eq!(s.node, PolicyConfig::node_default());
+    assert_eq!(s.container, PolicyConfig::container_default());
+    let n = &s.node;
+    assert_eq!(n.target, "local");
+    assert_eq!(
+        (
+            n.evaluation_interval_ms,
+            n.cooldown_up_ms,
+            n.cooldown_down_ms
+        ),
+        (10_000, 60_000, 300_000)
+    );
+    assert_eq!((n.min, n.max, n.within_bounds_trigger), (1, 10, 3));
+    assert_eq!((n.cpu_high, n.cpu_low, n.mem_high), (80.0, 30.0, 90.0));
+    assert_eq!(n.backlog_per_slot, 1.0);
+    assert_eq!(n.drain_deadline_seconds, 600);
+    assert!(!n.dry_run);
+    let c = &s.container;
+    assert_eq!(c.target, "local");
+    assert_eq!(
+        (
+            c.evaluation_interval_ms,
+            c.cooldown_up_ms,
+            c.cooldown_down_ms
+        ),
+        (5_000, 30_000, 120_000)
+    );
+    assert_eq!((c.min, c.max), (1, 4));
+    assert_eq!(c.drain_deadline_seconds, 600);
+    assert_eq!(s.local.containers_per_node, 1);
+    assert_eq!(s.local.slots, 2);
+    assert_eq!(s.local.node_prefix, "local-");
+    assert_eq!(s.nomad.address, "http://127.0.0.1:4646");
+    assert_eq!(s.nomad.namespace, "default");
+    assert_eq!(s.nomad.job, "transcode-worker");
+    assert_eq!(s.nomad.group, "worker");
+    assert_eq!(s.command.timeout_seconds, 600);
+    cfg.validate().expect("defaults are valid");
+}
+
+#[test]
+fn scaling_and_utilization_blocks_round_trip_through_hcl() {
+    let cfg = Config::from_hcl_str(SCALING_FULL, "scaling.hcl").expect("valid");
+    cfg.validate().expect("consistent");
+    let u = &cfg.utilization;
+    assert_eq!(u.sample_interval_ms, 1000);
+    assert!((u.smoothing - 0.5).abs() < f64::EPSILON);
+    assert_eq!(u.publish_interval_ms, 3000);
+    assert_eq!(u.source, "file:/tmp/synthetic.json");
+    let s = &cfg.scaling;
+    assert!(s.enabled);
+    assert_eq!(
+        s.node,
+        PolicyConfig {
+            target: "command".into(),
+            evaluation_interval_ms: 20_000,
+            cooldown_up_ms: 90_000,
+            cooldown_down_ms: 600_000,
+            min: 2,
+            max: 20,
+            cpu_high: 75.5,
+            cpu_low: 25.0,
+            mem_high: 85.0,
+            within_bounds_trigger: 4,
+            backlog_per_slot: 2.5,
+            drain_deadline_seconds: 900,
+            dry_run: true,
+        }
+    );
+    assert_eq!(s.container.target, "nomad");
+    assert_eq!((s.container.min, s.container.max), (0, 6));
+    assert_eq!(s.container.backlog_per_slot, 0.5);
+    assert_eq!(s.local.worker_bin, "/opt/transcode/bin/transcode-worker");
+    assert_eq!(s.local.worker_config, "/etc/transcode/worker.hcl");
+    assert_eq!((s.local.containers_per_node, s.local.slots), (2, 3));
+    assert_eq!(s.local.node_prefix, "dev-");
+    assert_eq!(s.nomad.address, "https://nomad.example:4646");
+    assert_eq!(s.nomad.token, "s3cr3t-acl-token");
+    assert_eq!(
+        (s.nomad.namespace.as_str(), s.nomad.region.as_str()),
+        ("media", "eu")
+    );
+    assert_eq!(
+        (s.nomad.job.as_str(), s.nomad.group.as_str()),
+        ("tw", "workers")
+    );
+    assert_eq!(s.nomad.node_class, "transcode");
+    assert!(s.command.add_node.contains("$TRANSCODE_SCALE_COUNT"));
+    assert_eq!(s.command.list_nodes, "./list.sh");
+    assert_eq!(s.command.timeout_seconds, 1200);
+    // The Nomad ACL token stays out of Debug output, which ends up in logs.
+    assert!(!format!("{cfg:?}").contains("s3cr3t-acl-token"));
+
+    // Every value survives the env/flag path, which rebuilds the config from its own
+    // serialization: a lossy field would show up as a difference here.
+    let mut again = cfg.clone();
+    again.set("log.level", "info").expect("flag applies");
+    assert_eq!(again.scaling, cfg.scaling);
+    assert_eq!(again.utilization, cfg.utilization);
+}
+
+#[test]
+fn a_partial_policy_block_keeps_its_own_levels_defaults() {
+    let cfg = Config::from_hcl_str("scaling {\n  container {\n    max = 8\n  }\n}\n", "p.hcl")
+        .expect("valid");
+    assert_eq!(
+        cfg.scaling.container,
+        PolicyConfig {
+            max: 8,
+            ..PolicyConfig::container_default()
+        }
+    );
+    assert_eq!(cfg.scaling.node, PolicyConfig::node_default());
+
+    let cfg =
+        Config::from_hcl_str("scaling {\n  node {\n    min = 0\n  }\n}\n", "p.hcl").expect("valid");
+    assert_eq!(
+        cfg.scaling.node,
+        PolicyConfig {
+            min: 0,
+            ..PolicyConfig::node_default()
+        }
+    );
+    assert_eq!(cfg.scaling.container, PolicyConfig::container_default());
+
+    // The same holds for anyone deserializing the struct directly with serde.
+    let direct: ScalingConfig =
+        serde_json::from_str(r#"{"container": {"cooldown_up_ms": 1}}"#).expect("serde");
+    assert_eq!(direct.container.max, 4);
+    assert_eq!(direct.container.evaluation_interval_ms, 5_000);
+    assert_eq!(direct.container.cooldown_up_ms, 1);
+    let err = serde_json::from_str::<ScalingConfig>(r#"{"node": {"cpu_hi": 1}}"#)
+        .expect_err("unknown field");
+    assert!(err.to_string().contains("cpu_hi"), "{err}");
+}
+
+#[test]
+fn scaling_env_overrides_and_flags() {
+    let mut cfg = Config::default();
+    cfg.apply_env(env(&[
+        ("TRANSCODE_SCALING_NODE_CPU_HIGH", "90"),
+        ("TRANSCODE_SCALING_CONTAINER_DRY_RUN", "true"),
+        ("TRANSCODE_SCALING_ENABLED", "1"),
+        ("TRANSCODE_SCALING_NOMAD_TOKEN", "t"),
+        ("TRANSCODE_UTILIZATION_SMOOTHING", "1"),
+        ("TRANSCODE_UTILIZATION_SOURCE", "file:/x.json"),
+    ]))
+    .expect("env applies");
+    assert_eq!(cfg.scaling.node.cpu_high, 90.0);
+    // Only the named key moved.
+    assert_eq!(cfg.scaling.container.cpu_high, 80.0);
+    assert_eq!(cfg.scaling.node.cpu_low, 30.0);
+    assert!(cfg.scaling.container.dry_run);
+    assert!(cfg.scaling.enabled);
+    assert_eq!(cfg.scaling.nomad.token, "t");
+    assert_eq!(cfg.utilization.smoothing, 1.0);
+    assert_eq!(cfg.utilization.source, "file:/x.json");
+    cfg.validate().expect("still valid");
+
+    cfg.set("scaling.container.max", "12")
+        .expect("flag applies");
+    assert_eq!(cfg.scaling.container.max, 12);
+    assert_eq!(cfg.scaling.container.evaluation_interval_ms, 5_000);
+
+    let err = Config::default()
+        .apply_env(env(&[("TRANSCODE_SCALING_NODE_CPU_HIGH", "120")]))
+        .expect_err("over 100 percent");
+    assert_eq!(
+        err.to_string(),
+        "TRANSCODE_SCALING_NODE_CPU_HIGH: scaling.node.cpu_high: must be at most 100, found 120"
+    );
+    let err = Config::default()
+        .apply_env(env(&[("TRANSCODE_SCALING_NODE_CPU_HGH", "70")]))
+        .expect_err("typo");
+    assert!(
+        err.to_string()
+            .starts_with("TRANSCODE_SCALING_NODE_CPU_HGH: unknown setting"),
+        "{err}"
+    );
+    let err = Config::default()
+        .set("utilization.smoothing", "0")
+        .expect_err("alpha 0 never moves");
+    assert_eq!(
+        err.to_string(),
+        "utilization.smoothing: must be at least 0.001, found 0"
+    );
+}
+
+#[test]
+fn scaling_value_mistakes_have_positions() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "scaling {\n  node {\n    cpu_hgh = 70\n  }\n}\n",
+            "transcode.hcl:3:5: unknown key \"cpu_hgh\" in block scaling.node (expected one of: \
+             target, evaluation_interval_ms, cooldown_up_ms, cooldown_down_ms, min, max, \
+             cpu_high, cpu_low, mem_high, within_bounds_trigger, backlog_per_slot, \
+             drain_deadline_seconds, dry_run)",
+        ),
+        (
+            "scaling {\n  container {\n    target = \"k8s\"\n  }\n}\n",
+            "transcode.hcl:3:14: scaling.container.target: expected one of \"local\", \"nomad\", \
+             \"command\", found \"k8s\"",
+        ),
+        (
+            "scaling {\n  node {\n    mem_high = 101\n  }\n}\n",
+            "transcode.hcl:3:16: scaling.node.mem_high: must be at most 100, found 101",
+        ),
+        (
+            "scaling {\n  node {\n    within_bounds_trigger = 0\n  }\n}\n",
+            "transcode.hcl:3:29: scaling.node.within_bounds_trigger: must be at least 1, found 0",
+        ),
+        (
+            "scaling {\n  node {\n    max = 0\n  }\n}\n",
+            "transcode.hcl:3:11: scaling.node.max: must be at least 1, found 0",
+        ),
+        (
+            "utilization {\n  source = \"sysfs\"\n}\n",
+            "transcode.hcl:2:12: utilization.source: expected \"procfs\" or \"file:…\", \
+             found \"sysfs\"",
+        ),
+        (
+            "utilization {\n  source = \"file:\"\n}\n",
+            "transcode.hcl:2:12: utilization.source: expected \"procfs\" or \"file:…\", \
+             found \"file:\"",
+        ),
+        (
+            "utilization {\n  smoothing = 1.5\n}\n",
+            "transcode.hcl:2:15: utilization.smoothing: must be at most 1, found 1.5",
+        ),
+        (
+            "scaling {\n  enabled = \"yes\"\n}\n",
+            "transcode.hcl:2:13: scaling.enabled: expected a bool, found a string",
+        ),
+    ];
+    for (src, want) in cases {
+        let err = file_error(src);
+        assert_eq!(&err.to_string(), want, "for input {src:?}");
+    }
+}
+
+/// Each inconsistent combination is refused by `validate()`, naming the key to fix.
+#[test]
+fn inconsistent_scaling_settings_name_the_key() {
+    type Edit = fn(&mut Config);
+    let cases: &[(&str, Edit, &str)] = &[
+        (
+            "cpu_low above cpu_high",
+            |c| {
+                c.scaling.node.cpu_low = 80.0;
+                c.scaling.node.cpu_high = 70.0;
+            },
+            "scaling.node: cpu_low (80) must be below cpu_high (70)",
+        ),
+        (
+            "cpu_low equal to cpu_high leaves no band to hold in",
+            |c| {
+                c.scaling.container.cpu_low = 50.0;
+                c.scaling.container.cpu_high = 50.0;
+            },
+            "scaling.container: cpu_low (50) must be below cpu_high (50)",
+        ),
+        (
+            "min above max",
+            |c| {
+                c.scaling.container.min = 5;
+                c.scaling.container.max = 4;
+            },
+            "scaling.container: min (5) must not be above max (4)",
+        ),
+        (
+            "nomad cannot create machines",
+            |c| {
+                c.scaling.enabled = true;
+                c.scaling.node.target = "nomad".into();
+            },
+            "scaling.node.target: \"nomad\" cannot add nodes: Nomad's API schedules onto \
+             machines but cannot create them; use \"command\" (e.g. terraform) for the node \
+             level",
+        ),
+        (
+            "command node target without its commands",
+            |c| {
+                c.scaling.enabled = true;
+                c.scaling.node.target = "command".into();
+                c.scaling.command.remove_node = "./rm.sh".into();
+            },
+            "scaling.node.target: \"command\" needs scaling.command.add_node, \
+             scaling.command.list_nodes (empty)",
+        ),
+        (
+            "command container target without its commands",
+            |c| {
+                c.scaling.enabled = true;
+                c.scaling.container.target = "command".into();
+                c.scaling.command.start_container = "./start.sh".into();
+                c.scaling.command.stop_container = "  ".into();
+            },
+            "scaling.container.target: \"command\" needs scaling.command.stop_container (empty)",
+        ),
+        (
+            "nomad container target without a job",
+            |c| {
+                c.scaling.enabled = true;
+                c.scaling.container.target = "nomad".into();
+                c.scaling.nomad.job = String::new();
+            },
+            "scaling.container.target: \"nomad\" needs scaling.nomad.job (empty)",
+        ),
+        (
+            "utilization source set directly",
+            |c| c.utilization.source = "proc".into(),
+            "utilization.source: expected \"procfs\" or \"file:…\", found \"proc\"",
+        ),
+    ];
+    for (what, edit, want) in cases {
+        let mut cfg = Config::default();
+        edit(&mut cfg);
+        let err = cfg.validate().expect_err(what);
+        assert!(matches!(err, ConfigError::Value { .. }), "{what}: {err:?}");
+        assert_eq!(&err.to_string(), want, "{what}");
+    }
+}
+
+#[test]
+fn target_checks_wait_for_scaling_to_be_enabled() {
+    // A half-written target is fine while the autoscaler is off: an operator can prepare the
+    // file before switching it on.
+    let mut cfg = Config::default();
+    cfg.scaling.node.target = "nomad".into();
+    cfg.scaling.container.target = "command".into();
+    cfg.validate().expect("not checked while disabled");
+    cfg.scaling.enabled = true;
+    assert!(cfg.validate().is_err());
+
+    // Bounds are checked regardless.
+    let mut cfg = Config::default();
+    cfg.scaling.node.min = 11;
+    let err = cfg
+        .validate()
+        .expect_err("min above max even when disabled");
+    assert_eq!(
+        err.to_string(),
+        "scaling.node: min (11) must not be above max (10)"
+    );
+
+    // And a file can be wrong only in combination: load-time validation catches it.
+    let cfg = Config::from_hcl_str(
+        "scaling {\n  enabled = true\n  node {\n    target = \"command\"\n  }\n}\n",
+        "s.hcl",
+    )
+    .expect("each value is fine on its own");
+    let err = cfg.validate().expect_err("commands missing");
+    assert!(
+        err.to_string()
+            .starts_with("scaling.node.target: \"command\" needs"),
+        "{err}"
+    );
 }

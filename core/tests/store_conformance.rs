@@ -725,6 +725,36 @@ async fn status_fence_only_moves_that_status(s: Arc<dyn Store>) {
     assert_eq!(count(s).await, 1);
 }
 
+/// One leader at a time: a second taker is refused while the first holds the lock, and gets it
+/// once the first lets go. Both takers here are separate sessions (PostgreSQL) or separate
+/// open files (SQLite), as two scaler processes would be.
+async fn one_leader_at_a_time(s: Arc<dyn Store>) {
+    let mut first = s
+        .try_lead("scaler")
+        .await
+        .expect("try")
+        .expect("first leads");
+    assert!(
+        s.try_lead("scaler").await.expect("try").is_none(),
+        "a second leader"
+    );
+    // Another name is another lock.
+    assert!(s.try_lead("other").await.expect("try").is_some());
+    first.confirm().await.expect("still leading");
+    drop(first);
+    // PostgreSQL frees the lock when the session ends, which the server sees a moment later.
+    let mut second = None;
+    for _ in 0..50 {
+        second = s.try_lead("scaler").await.expect("try");
+        if second.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut second = second.expect("the lock passes on when the leader lets go");
+    second.confirm().await.expect("leading");
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod sqlite_store {
@@ -766,4 +796,5 @@ conformance!(
     events_batches_and_cursor,
     members_upsert,
     status_fence_only_moves_that_status,
+    one_leader_at_a_time,
 );

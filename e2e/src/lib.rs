@@ -5,6 +5,7 @@
 //! (CI) a missing one fails the test instead of skipping it.
 
 pub mod faultproxy;
+pub mod nomadfake;
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{BufRead, BufReader};

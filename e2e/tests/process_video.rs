@@ -17,13 +17,17 @@ use transcode_e2e::{
     bin, ffprobe, make_clip, pg_database, s3, start_scaler, start_worker, wait_for,
 };
 
-const CAUSAL: [&str; 9] = [
+// Every task here asks for two renditions, so two `RenditionUploaded` records precede the
+// upload event that closes the step.
+const CAUSAL: [&str; 11] = [
     "TaskQueued",
     "TaskReceived",
     "TaskDetailsRetrieved",
     "WorkloadProcessingStarted",
     "VideoFilePulled",
     "VideoTranscoded",
+    "RenditionUploaded",
+    "RenditionUploaded",
     "TranscodedVideoUploaded",
     "WorkloadProcessingFinished",
     "TaskSucceeded",

@@ -118,6 +118,12 @@ impl Gossip {
         self.membership.local_addr()
     }
 
+    /// The member table as gossip sees it now, for the autoscaler.
+    pub fn members_fn(&self) -> crate::autoscale::MembersFn {
+        let m = Arc::downgrade(&self.membership);
+        Arc::new(move || m.upgrade().map(|m| m.members()).unwrap_or_default())
+    }
+
     /// Leaves the cluster (a scaler that stops is not a failure) and stops the loop.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);

@@ -3,14 +3,18 @@
 //! flags, loads the config, sets up logging and waits for a signal; keeping the rest here lets
 //! later parts (autoscaling, leader election) drive the dispatcher directly.
 
+pub mod autoscale;
+pub mod container_policy;
 pub mod dispatch;
 pub mod dispatch_service;
 pub mod failure;
 pub mod intake;
 pub mod metrics;
+pub mod policy;
 pub mod queue;
 pub mod recovery;
 pub mod server;
+pub mod targets;
 pub mod wire;
 
 pub use dispatch_service::DispatchHandle;

@@ -148,9 +148,127 @@ async fn start_gossip(
         .context("starting gossip")
 }
 
+/// Blocks until this process holds the scaler leader lock (ARCHITECTURE §8). A standby binds
+/// nothing while it waits, so workers and publishers keep talking to the leader; when the
+/// leader dies its lock goes with its database session (or its file lock), and the standby
+/// binds the same endpoints, where the workers' sockets reconnect by themselves.
+async fn become_leader(cfg: &Config) -> Result<Box<dyn transcode_core::store::Leadership>> {
+    let store = transcode_core::store::open(&cfg.store.url, 1)
+        .await
+        .context("opening the store for leader election")?;
+    let mut said = false;
+    loop {
+        match store.try_lead(LEADER_LOCK).await {
+            Ok(Some(l)) => {
+                tracing::info!("this scaler leads");
+                return Ok(l);
+            }
+            Ok(None) => {
+                if !said {
+                    tracing::info!("standby: another scaler leads; waiting for its lock");
+                    said = true;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "leader election: store unavailable; retrying"),
+        }
+        tokio::time::sleep(LEADER_POLL).await;
+    }
+}
+
+/// Answers when leadership is lost for good (another scaler took the lock).
+async fn watch_leadership(mut l: Box<dyn transcode_core::store::Leadership>) -> String {
+    loop {
+        tokio::time::sleep(LEADER_POLL).await;
+        match l.confirm().await {
+            Ok(()) => {}
+            Err(transcode_core::store::StoreError::LostLeadership(why)) => return why,
+            Err(e) => tracing::warn!(error = %e, "cannot confirm leadership; will ask again"),
+        }
+    }
+}
+
+const LEADER_LOCK: &str = "transcode-scaler";
+const LEADER_POLL: Duration = Duration::from_secs(1);
+
+/// The node target, the container target, and the `local` target when either level uses it.
+type Targets = (
+    std::sync::Arc<dyn transcode_scaler::targets::Target>,
+    std::sync::Arc<dyn transcode_scaler::targets::Target>,
+    Option<std::sync::Arc<transcode_scaler::targets::local::LocalTarget>>,
+);
+
+/// The autoscaler's targets from `scaling.*`; one `local` target serves both levels when both
+/// name it, so node and container counts agree.
+fn build_targets(
+    cfg: &Config,
+    endpoints: &transcode_scaler::Endpoints,
+    gossip: &std::net::SocketAddr,
+) -> Result<Targets> {
+    use std::sync::Arc;
+    use transcode_scaler::targets::{command, local, nomad, Target};
+    let sc = &cfg.scaling;
+    let mut local_target: Option<Arc<local::LocalTarget>> = None;
+    let mut make = |kind: &str| -> Result<Arc<dyn Target>> {
+        Ok(match kind {
+            "local" => {
+                if let Some(t) = &local_target {
+                    return Ok(t.clone() as Arc<dyn Target>);
+                }
+                let worker_bin = if sc.local.worker_bin.is_empty() {
+                    std::env::current_exe()
+                        .context("locating this binary")?
+                        .with_file_name("transcode-worker")
+                } else {
+                    PathBuf::from(&sc.local.worker_bin)
+                };
+                let mut args = vec![
+                    "--store".to_string(),
+                    cfg.store.url.clone(),
+                    "--dispatch".to_string(),
+                    endpoints.dispatch.clone(),
+                    "--events".to_string(),
+                    endpoints.events_sub.clone(),
+                    "--gossip-join".to_string(),
+                    gossip.to_string(),
+                ];
+                if !sc.local.worker_config.is_empty() {
+                    args.push("--config".into());
+                    args.push(sc.local.worker_config.clone());
+                }
+                let t = Arc::new(
+                    local::LocalTarget::new(local::LocalSettings {
+                        worker_bin,
+                        args,
+                        containers_per_node: sc.local.containers_per_node,
+                        slots: sc.local.slots,
+                        node_prefix: sc.local.node_prefix.clone(),
+                        log_dir: None,
+                        drain_wait: Duration::from_secs(sc.container.drain_deadline_seconds),
+                    })
+                    .context("scaling.local")?,
+                );
+                local_target = Some(t.clone());
+                t
+            }
+            "nomad" => Arc::new(
+                nomad::NomadTarget::new(nomad::NomadSettings::from_config(&sc.nomad))
+                    .context("scaling.nomad")?,
+            ),
+            "command" => Arc::new(command::CommandTarget::new(
+                command::CommandSettings::from_config(&sc.command),
+            )),
+            other => anyhow::bail!("unknown scaling target {other:?}"),
+        })
+    };
+    let node = make(&sc.node.target)?;
+    let container = make(&sc.container.target)?;
+    Ok((node, container, local_target))
+}
+
 async fn run(cli: Cli) -> Result<()> {
     let cfg = load_config(&cli)?;
     init_logging(&cfg)?;
+    let leadership = become_leader(&cfg).await?;
     let host = hostname();
     let settings = Settings {
         store_url: cfg.store.url.clone(),
@@ -177,6 +295,7 @@ async fn run(cli: Cli) -> Result<()> {
     let scaler = Scaler::start(settings)
         .await
         .context("starting the scaler")?;
+    let origin_for_scaling = origin.clone();
     let gossip = start_gossip(&cfg, &scaler, origin).await?;
     {
         let mut endpoints = scaler.endpoints().to_json();
@@ -186,11 +305,63 @@ async fn run(cli: Cli) -> Result<()> {
             .and_then(|()| out.flush())
             .context("writing the endpoints line")?;
     }
-    let why = signals.await.context("signal handler")??;
-    tracing::info!(signal = why, "shutting down");
+    let (autoscaler, local_target) = if cfg.scaling.enabled {
+        let (node_target, container_target, local_target) =
+            build_targets(&cfg, scaler.endpoints(), &gossip.local_addr())?;
+        let zctx = zmq::Context::new();
+        let (publisher, pub_socket) =
+            transcode_core::bus::publisher(&zctx, &scaler.endpoints().events_sub)
+                .context("autoscaler event publisher")?;
+        let deps = transcode_scaler::autoscale::Deps {
+            store: transcode_core::store::open(&cfg.store.url, 2)
+                .await
+                .context("opening the store for the autoscaler")?,
+            dispatch: scaler.dispatcher(),
+            metrics: scaler.metrics(),
+            origin: origin_for_scaling.clone(),
+            publisher,
+            members: gossip.members_fn(),
+            status: scaler.scaling_status(),
+        };
+        let settings = transcode_scaler::autoscale::Settings {
+            node: cfg.scaling.node.clone(),
+            container: cfg.scaling.container.clone(),
+            node_target,
+            container_target,
+        };
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(transcode_scaler::autoscale::run(settings, deps, stop_rx));
+        (Some((stop, task, pub_socket, zctx)), local_target)
+    } else {
+        (None, None)
+    };
+    let outcome = tokio::select! {
+        why = signals => {
+            let why = why.context("signal handler")??;
+            tracing::info!(signal = why, "shutting down");
+            Ok(())
+        }
+        why = watch_leadership(leadership) => {
+            tracing::error!(reason = %why, "leadership lost: stopping so the new leader alone acts");
+            Err(anyhow::anyhow!("leadership lost: {why}"))
+        }
+    };
+    if let Some((stop, task, pub_socket, zctx)) = autoscaler {
+        let _ = stop.send(true);
+        let _ = task.await;
+        let _ = tokio::task::spawn_blocking(move || {
+            pub_socket.close();
+            drop(zctx);
+        })
+        .await;
+    }
+    if let Some(t) = local_target {
+        // Workers this scaler started drain on SIGTERM like any other.
+        t.terminate_all();
+    }
     gossip.shutdown().await;
     scaler.shutdown().await;
-    Ok(())
+    outcome
 }
 
 fn main() -> ExitCode {

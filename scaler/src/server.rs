@@ -141,6 +141,8 @@ impl Shared {
 /// A running scaler. Stop it with [`Scaler::shutdown`].
 pub struct Scaler {
     endpoints: Endpoints,
+    /// `/v1/scaling`: the autoscaler's status, `{"enabled": false}` while it does not run.
+    scaling_status: transcode_core::http::Document,
     dispatch: DispatchHandle,
     metrics: Arc<Registry>,
     stop: watch::Sender<bool>,
@@ -228,10 +230,13 @@ impl Scaler {
             intake_ok: AtomicBool::new(true),
         });
 
-        let http = transcode_core::http::serve(
+        let scaling_status: transcode_core::http::Document =
+            Arc::new(std::sync::Mutex::new(serde_json::json!({"enabled": false})));
+        let http = transcode_core::http::serve_with(
             &s.http,
             health_fn(store.clone(), dispatch.downgrade(), Arc::downgrade(&shared)),
             metrics.clone(),
+            &[("/v1/scaling", scaling_status.clone())],
         )
         .await
         .map_err(|source| StartError::Http {
@@ -282,6 +287,7 @@ impl Scaler {
         );
         Ok(Scaler {
             endpoints,
+            scaling_status,
             dispatch,
             metrics,
             stop,
@@ -294,6 +300,11 @@ impl Scaler {
             forwarder,
             ctx,
         })
+    }
+
+    /// Where the autoscaler leaves its status for `/v1/scaling`.
+    pub fn scaling_status(&self) -> transcode_core::http::Document {
+        self.scaling_status.clone()
     }
 
     pub fn endpoints(&self) -> &Endpoints {

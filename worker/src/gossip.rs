@@ -1,63 +1,67 @@
 //! The worker's gossip member: it joins the scaler's cluster (`membership.join`) with the tags
-//! ARCHITECTURE §7 names, refreshes the cpu/mem tags from procfs, flips `state` to `draining`
+//! ARCHITECTURE §7 names, refreshes the cpu/mem tags from `transcode_core::utilization`, flips `state` to `draining`
 //! when a drain starts, and leaves gracefully when the worker exits, so that a drain is never
 //! taken for a failure. A `kill -9` skips the leave: that is what gossip detects.
 
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use transcode_core::config::MembershipConfig;
+use transcode_core::config::{MembershipConfig, UtilizationConfig};
 use transcode_core::membership::{MemberTags, Membership, MembershipError, Settings};
+use transcode_core::metrics::{Kind, Registry};
+use transcode_core::utilization::{Sampler, Source};
 
-/// How often the cpu/mem tags are refreshed.
-const TAG_EVERY: Duration = Duration::from_secs(5);
+const CPU: &str = "transcode_utilization_cpu_percent";
+const MEM: &str = "transcode_utilization_mem_percent";
 
 pub struct Gossip {
     membership: Arc<Membership>,
 }
 
-/// CPU use as the 1-minute load per core, and memory use, both in percent; zero when procfs
-/// cannot be read (not Linux, or a restricted container).
-fn sample() -> (f64, f64) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let cpu = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |l| (l / cores * 100.0).min(100.0));
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .map_or(0.0, |s| {
-            let field = |name: &str| {
-                s.lines()
-                    .find(|l| l.starts_with(name))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            };
-            match (field("MemTotal:"), field("MemAvailable:")) {
-                (Some(t), Some(a)) if t > 0.0 => (t - a) / t * 100.0,
-                _ => 0.0,
-            }
-        });
-    (cpu, mem)
+#[derive(Debug, thiserror::Error)]
+pub enum GossipError {
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    #[error(transparent)]
+    Utilization(#[from] transcode_core::utilization::UtilizationError),
 }
 
 impl Gossip {
     /// Starts the member and joins in the background; `draining` turning true re-tags it.
+    ///
+    /// Utilization is sampled every `utilization.sample_interval_ms` into the smoothed value
+    /// (and the `/metrics` gauges), and published in the tags at most every
+    /// `utilization.publish_interval_ms`, so a fast sampler cannot flood the gossip layer.
     pub async fn start(
         cfg: &MembershipConfig,
+        util: &UtilizationConfig,
+        metrics: Arc<Registry>,
         id: &str,
         node: &str,
         slots: u32,
         mut draining: watch::Receiver<bool>,
-    ) -> Result<Gossip, MembershipError> {
+    ) -> Result<Gossip, GossipError> {
         let settings = Settings::from_config(cfg)?;
-        let (cpu, mem) = sample();
+        let mut sampler = Sampler::new(Source::parse(&util.source)?, node, util.smoothing);
+        metrics.describe(
+            CPU,
+            Kind::Gauge,
+            "Smoothed CPU use of this worker's node or cgroup, percent.",
+        );
+        metrics.describe(
+            MEM,
+            Kind::Gauge,
+            "Smoothed memory use of this worker's node or cgroup, percent.",
+        );
+        // A synthetic file that cannot be read yet is not fatal: the tags start at zero.
+        let first = sampler.sample().unwrap_or_default();
         let mut tags = MemberTags {
             role: "worker".into(),
             node: node.into(),
             slots,
             busy: 0,
-            cpu,
-            mem,
+            cpu: first.cpu,
+            mem: first.mem,
             state: "active".into(),
         };
         let (membership, mut events) = Membership::start(id, &settings, tags.clone()).await?;
@@ -66,22 +70,37 @@ impl Gossip {
         // The scaler acts on membership events; the worker only needs to keep its queue empty.
         tokio::spawn(async move { while events.recv().await.is_some() {} });
         let weak = Arc::downgrade(&membership);
+        let sample_every = Duration::from_millis(util.sample_interval_ms.max(10));
+        let publish_every = Duration::from_millis(util.publish_interval_ms);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(TAG_EVERY);
+            let mut tick = tokio::time::interval(sample_every);
+            let mut published = tokio::time::Instant::now();
             loop {
+                let mut state_changed = false;
                 tokio::select! {
                     _ = tick.tick() => {}
                     r = draining.changed() => {
                         if r.is_err() { return; }
+                        state_changed = true;
                     }
                 }
                 let Some(m) = weak.upgrade() else { return };
-                let (cpu, mem) = sample();
-                tags.cpu = cpu;
-                tags.mem = mem;
+                match sampler.sample() {
+                    Ok(u) => {
+                        metrics.set(CPU, &[], u.cpu);
+                        metrics.set(MEM, &[], u.mem);
+                        tags.cpu = u.cpu;
+                        tags.mem = u.mem;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "utilization sample failed"),
+                }
                 if *draining.borrow() {
                     tags.state = "draining".into();
                 }
+                if !state_changed && published.elapsed() < publish_every {
+                    continue;
+                }
+                published = tokio::time::Instant::now();
                 if let Err(e) = m.set_tags(&tags).await {
                     tracing::debug!(error = %e, "gossip tags not updated");
                 }
@@ -93,15 +112,5 @@ impl Gossip {
     /// Leaves the cluster gracefully (the drain is over).
     pub async fn leave(&self) {
         self.membership.leave().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn samples_are_percentages() {
-        let (cpu, mem) = super::sample();
-        assert!((0.0..=100.0).contains(&cpu), "{cpu}");
-        assert!((0.0..=100.0).contains(&mem), "{mem}");
     }
 }

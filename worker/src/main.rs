@@ -216,6 +216,8 @@ async fn run() -> Result<()> {
         .with_context(|| format!("http listen {}", cfg.worker.http))?;
     let gossip = transcode_worker::gossip::Gossip::start(
         &cfg.membership,
+        &cfg.utilization,
+        metrics.clone(),
         &id,
         &node,
         cfg.worker.slots,

@@ -3,8 +3,11 @@
 //! pass one conformance suite (`core/tests/store_conformance.rs`). Status changes go through
 //! [`TaskStatus::check_transition`] inside the same transaction that writes their events.
 
+mod leader;
 mod postgres;
 mod sqlite;
+
+pub use leader::{lock_key, Leadership};
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -45,6 +48,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("unsupported store URL {0:?}: use sqlite://PATH or postgres://…")]
     BadUrl(String),
+    /// Leadership passed to another process (`leader.rs`).
+    #[error("leadership lost: {0}")]
+    LostLeadership(String),
 }
 
 impl StoreError {
@@ -239,6 +245,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// A cheap round trip, for health checks.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Tries once to become the leader named `name` (see `leader.rs`); `None` while another
+    /// process leads.
+    async fn try_lead(&self, name: &str) -> StoreResult<Option<Box<dyn Leadership>>>;
 }
 
 /// Opens the store a URL names: `sqlite://PATH` (relative or absolute; `sqlite::memory:` for

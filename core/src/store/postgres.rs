@@ -35,9 +35,11 @@ const TASK_COLUMNS: &str = "id, status, priority, spec, attempts, max_attempts, 
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// Kept for connections that must live outside the pool (the leader lock).
+    config: tokio_postgres::Config,
 }
 
-fn pg(e: tokio_postgres::Error) -> StoreError {
+pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
         // Class 08 is connection trouble, 57P0x is the server going away: both pass.
@@ -287,7 +289,7 @@ impl PgStore {
             cfg.connect_timeout(Duration::from_secs(5));
         }
         let mgr = Manager::from_config(
-            cfg,
+            cfg.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -300,10 +302,14 @@ impl PgStore {
             .create_timeout(Some(Duration::from_secs(10)))
             .build()
             .map_err(|e| StoreError::Backend(e.to_string()))?;
-        let store = PgStore { pool };
+        let store = PgStore { pool, config: cfg };
         // Fail at start-up, not on the first task, when the server is unreachable.
         store.ping().await?;
         Ok(store)
+    }
+
+    pub(crate) fn config(&self) -> &tokio_postgres::Config {
+        &self.config
     }
 
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
@@ -711,5 +717,11 @@ impl Store for PgStore {
         let client = self.client().await?;
         client.simple_query("SELECT 1").await.map_err(pg)?;
         Ok(())
+    }
+
+    async fn try_lead(&self, name: &str) -> StoreResult<Option<Box<dyn super::Leadership>>> {
+        Ok(super::leader::PgLeader::try_take(self.config(), name)
+            .await?
+            .map(|l| Box::new(l) as Box<dyn super::Leadership>))
     }
 }

@@ -26,6 +26,8 @@ const TASK_COLUMNS: &str = "id, status, priority, spec, attempts, max_attempts, 
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// The database file (none in memory): the leader lock file sits beside it.
+    path: Option<std::path::PathBuf>,
 }
 
 fn backend(e: rusqlite::Error) -> StoreError {
@@ -164,11 +166,17 @@ impl SqliteStore {
             }
         }
         let conn = Connection::open(path).map_err(backend)?;
-        Self::setup(conn)
+        let mut store = Self::setup(conn)?;
+        store.path = Some(std::path::PathBuf::from(path));
+        Ok(store)
     }
 
     pub fn open_memory() -> StoreResult<Self> {
         Self::setup(Connection::open_in_memory().map_err(backend)?)
+    }
+
+    pub(crate) fn path(&self) -> Option<&std::path::Path> {
+        self.path.as_deref()
     }
 
     fn setup(conn: Connection) -> StoreResult<Self> {
@@ -181,6 +189,7 @@ impl SqliteStore {
         )
         .map_err(backend)?;
         Ok(SqliteStore {
+            path: None,
             conn: Arc::new(Mutex::new(conn)),
         })
     }
@@ -707,5 +716,13 @@ impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
         self.run(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(backend))
             .await
+    }
+
+    async fn try_lead(&self, name: &str) -> StoreResult<Option<Box<dyn super::Leadership>>> {
+        match self.path() {
+            None => Ok(Some(Box::new(super::leader::Sole))),
+            Some(p) => Ok(super::leader::FileLeader::try_take(p, name)?
+                .map(|l| Box::new(l) as Box<dyn super::Leadership>)),
+        }
     }
 }
