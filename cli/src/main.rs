@@ -258,7 +258,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         if cause.is::<TaskEnded>() {
             return exit::TASK_FAILED;
         }
-        if cause.is::<transcode_core::bus::BusError>() {
+        if cause.is::<transcode_core::bus::BusError>() || cause.is::<scaling::Unreachable>() {
             return exit::UNAVAILABLE;
         }
     }

@@ -6,6 +6,14 @@ use crate::output;
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+/// The scaler's HTTP endpoint did not answer (exit code 5, like an unreachable bus).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach the scaler at {url} (scaler.http, or --scaler-http): {source}")]
+pub struct Unreachable {
+    url: String,
+    source: reqwest::Error,
+}
+
 pub async fn status(addr: &str, json: bool) -> Result<()> {
     let url = if addr.starts_with("http://") || addr.starts_with("https://") {
         format!("{}/v1/scaling", addr.trim_end_matches('/'))

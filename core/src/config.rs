@@ -728,7 +728,7 @@ static SCHEMA: BlockSchema = BlockSchema {
                     keys: &[
                         key("worker_bin", Kind::Str),
                         key("worker_config", Kind::Str),
-                        key("containers_per_node", Kind::Int { min: 0, max: 1024 }),
+                        key("containers_per_node", Kind::Int { min: 1, max: 1024 }),
                         key("slots", Kind::Int { min: 1, max: 1024 }),
                         key("node_prefix", Kind::Str),
                     ],

@@ -165,6 +165,12 @@ pub struct RenditionUploaded {
     pub height: u32,
     pub video_kbps: u32,
     pub duration_ms: u64,
+    /// The store's tag of the object just after the upload (S3 ETag; inode, mtime and size for
+    /// `file://`). A resumed attempt reuses the object only while the store still reports this
+    /// tag, which proves it is the upload whose `sha256` is recorded here. Absent in records
+    /// written before the field existed; those fall back to comparing the size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub e_tag: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -484,7 +484,7 @@ impl Objects {
                     Ok(Some(ObjectInfo {
                         size: meta.len(),
                         last_modified: DateTime::<Utc>::from(modified),
-                        e_tag: None,
+                        e_tag: Some(file_tag(&meta, modified)),
                     }))
                 }
                 // A directory is not an object, as an S3 prefix is not.
@@ -628,6 +628,17 @@ fn build_s3(cfg: &S3Config, bucket: &str) -> Result<object_store::aws::AmazonS3,
     builder.build().map_err(|e| ObjectError::Config {
         message: format!("bucket {bucket}: {e}"),
     })
+}
+
+/// A `file://` object's tag: puts replace the file by rename, so a new upload always has a new
+/// inode, and the mtime and size catch an edit in place.
+fn file_tag(meta: &std::fs::Metadata, modified: std::time::SystemTime) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let nanos = modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}-{:x}-{:x}", meta.ino(), nanos, meta.len())
 }
 
 /// Owns a multipart upload until it is finished or aborted. Dropped before either (the caller's

@@ -800,6 +800,10 @@ impl PrivatePg {
             .arg("restart")
             .arg("-D")
             .arg(self.data())
+            // Without a log file the new server inherits our stdout/stderr pipes, and
+            // `output()` would wait for them to close, that is for the server to exit.
+            .arg("-l")
+            .arg(self.data().join("server.log"))
             .args(["-m", "fast", "-w", "-t", "60"])
             .output()
             .expect("pg_ctl restart")

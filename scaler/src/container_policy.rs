@@ -5,7 +5,8 @@
 //! policy adds machines when the machines are hot; within a node, a hot node is one that must
 //! not get more containers:
 //! - **up** (start one): the node has headroom (cpu below `cpu_high` and mem below `mem_high`)
-//!   and there is backlog;
+//!   and there is backlog, and every container on it is busy (an idle one will take the next
+//!   queued task, so another container would only add a second idle one);
 //! - **down, overload** (stop one after its task): cpu above `cpu_high` or mem above
 //!   `mem_high`;
 //! - **down, idle surplus**: no backlog, cpu below `cpu_low`, and a container with nothing to
@@ -103,7 +104,7 @@ impl ContainerEvaluator {
                 format!("overload: mem {:.1} > {}", l.mem.unwrap_or(0.0), p.mem_high)
             };
             (false, n > p.min, why)
-        } else if has_backlog && l.cpu.is_some() {
+        } else if has_backlog && l.cpu.is_some() && !l.idle_container {
             (
                 n < p.max,
                 false,
@@ -256,8 +257,9 @@ mod tests {
         // Trigger of 2, then 10 s cooldown before the next, up to max 3.
         assert_eq!(counts[0], 1);
         assert_eq!(counts[1], 2);
-        assert_eq!(counts[11], 2);
-        assert_eq!(counts[12], 3);
+        // Acted at 1 s, so the up cooldown ends at 11 s, where the streak is already met.
+        assert_eq!(counts[10], 2);
+        assert_eq!(counts[11], 3);
         assert_eq!(*counts.last().expect("last"), 3);
     }
 

@@ -253,6 +253,11 @@ impl Loop {
             {
                 Ok(r) => {
                     pending.clear();
+                    // Same counter as the lease sweeper's, so one metric counts every recovery.
+                    d.metrics.inc(
+                        crate::metrics::RECOVERED,
+                        &[("status", r.task.status.as_str())],
+                    );
                     requeued_events.push(r.event.clone());
                     if r.task.status == TaskStatus::Queued {
                         requeue.push(QueueItem {

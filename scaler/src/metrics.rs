@@ -53,7 +53,7 @@ pub fn describe(r: &Registry) {
         (
             RECOVERED,
             Counter,
-            "Tasks recovered by the lease sweeper, by resulting status.",
+            "Tasks recovered from a lost worker (lease sweeper or gossip), by resulting status.",
         ),
         (
             WORKERS_LOST,

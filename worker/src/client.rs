@@ -19,6 +19,8 @@ pub struct ClientConfig {
     pub slots: u32,
     pub drain_timeout: Duration,
     pub ping_every: Duration,
+    /// Tasks running now, read by the gossip member for its `busy` tag.
+    pub busy: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// Why the worker stopped.
@@ -102,6 +104,7 @@ pub async fn run(
                             (task_id, outcome)
                         });
                         ctx.metrics.set("transcode_worker_running", &[], running.len() as f64);
+                        cfg.busy.store(running.len() as u32, std::sync::atomic::Ordering::Relaxed);
                     }
                     Ok(DispatcherFrame::Drain) => {
                         tracing::info!("DRAIN from the scaler");
@@ -128,6 +131,7 @@ pub async fn run(
             }
             Some(joined) = running.join_next(), if !running.is_empty() => {
                 ctx.metrics.set("transcode_worker_running", &[], running.len() as f64);
+                cfg.busy.store(running.len() as u32, std::sync::atomic::Ordering::Relaxed);
                 match joined {
                     Ok((task_id, outcome)) => {
                         in_flight.remove(&task_id);

@@ -1,8 +1,10 @@
 //! The worker's gossip member: it joins the scaler's cluster (`membership.join`) with the tags
-//! ARCHITECTURE §7 names, refreshes the cpu/mem tags from `transcode_core::utilization`, flips `state` to `draining`
+//! ARCHITECTURE §7 names, refreshes the cpu/mem tags from `transcode_core::utilization` and
+//! `busy` from the dispatch client's running count, flips `state` to `draining`
 //! when a drain starts, and leaves gracefully when the worker exits, so that a drain is never
 //! taken for a failure. A `kill -9` skips the leave: that is what gossip detects.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -39,6 +41,7 @@ impl Gossip {
         id: &str,
         node: &str,
         slots: u32,
+        busy: Arc<AtomicU32>,
         mut draining: watch::Receiver<bool>,
     ) -> Result<Gossip, GossipError> {
         let settings = Settings::from_config(cfg)?;
@@ -75,6 +78,7 @@ impl Gossip {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(sample_every);
             let mut published = tokio::time::Instant::now();
+            let mut last: Option<MemberTags> = None;
             loop {
                 let mut state_changed = false;
                 tokio::select! {
@@ -97,12 +101,28 @@ impl Gossip {
                 if *draining.borrow() {
                     tags.state = "draining".into();
                 }
+                // A change in load is news for the scheduler's view; publish it at once.
+                let now_busy = busy.load(Ordering::Relaxed);
+                if now_busy != tags.busy {
+                    tags.busy = now_busy;
+                    state_changed = true;
+                }
                 if !state_changed && published.elapsed() < publish_every {
                     continue;
                 }
+                // Every tag update is a gossip broadcast to the whole cluster; an unchanged
+                // set (to the precision peers see) is not worth one.
+                let rounded = |v: f64| (v * 10.0).round() / 10.0;
+                let mut seen = tags.clone();
+                seen.cpu = rounded(seen.cpu);
+                seen.mem = rounded(seen.mem);
+                if last.as_ref() == Some(&seen) {
+                    continue;
+                }
                 published = tokio::time::Instant::now();
-                if let Err(e) = m.set_tags(&tags).await {
-                    tracing::debug!(error = %e, "gossip tags not updated");
+                match m.set_tags(&tags).await {
+                    Ok(()) => last = Some(seen),
+                    Err(e) => tracing::debug!(error = %e, "gossip tags not updated"),
                 }
             }
         });

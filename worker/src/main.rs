@@ -214,6 +214,7 @@ async fn run() -> Result<()> {
     let http = transcode_core::http::serve(&cfg.worker.http, health, metrics.clone())
         .await
         .with_context(|| format!("http listen {}", cfg.worker.http))?;
+    let busy = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let gossip = transcode_worker::gossip::Gossip::start(
         &cfg.membership,
         &cfg.utilization,
@@ -221,6 +222,7 @@ async fn run() -> Result<()> {
         &id,
         &node,
         cfg.worker.slots,
+        busy.clone(),
         stop_rx.clone(),
     )
     .await
@@ -239,6 +241,7 @@ async fn run() -> Result<()> {
             slots: cfg.worker.slots,
             drain_timeout: Duration::from_secs(cfg.worker.drain_timeout_seconds),
             ping_every: Duration::from_secs(2),
+            busy,
         },
         stop_rx,
     )

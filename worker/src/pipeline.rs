@@ -913,7 +913,8 @@ fn output_url(spec: &ValidSpec, name: &str) -> Result<ObjectUrl, Stop> {
 /// The renditions an earlier attempt of this task uploaded that can stand as they are: the
 /// latest `RenditionUploaded` record per rung whose key is the one this spec gives, whose
 /// source had the sha256 just pulled, and whose object is still in the store with the recorded
-/// size. The outputs of mp4mux differ from run to run (timestamps in the file), so comparing a
+/// tag (so it is the very upload whose sha256 was recorded; older records without a tag are
+/// checked by size). The outputs of mp4mux differ from run to run (timestamps in the file), so comparing a
 /// new transcode with the old object could never prove anything; the record plus a HEAD can.
 async fn previous_uploads(
     ctx: &Arc<Ctx>,
@@ -961,9 +962,9 @@ async fn previous_uploads(
             })
             .await?;
         match head {
-            Some(info) if info.size == prev.bytes => kept.push(prev),
+            Some(info) if same_upload(&prev, &info) => kept.push(prev),
             Some(info) => {
-                tracing::info!(task = %task.id, rendition = %r.name, recorded = prev.bytes, found = info.size, "object changed since it was uploaded: made again")
+                tracing::info!(task = %task.id, rendition = %r.name, recorded = prev.bytes, found = info.size, recorded_tag = ?prev.e_tag, found_tag = ?info.e_tag, "object changed since it was uploaded: made again")
             }
             None => {
                 tracing::info!(task = %task.id, rendition = %r.name, "uploaded object is gone: made again")
@@ -971,6 +972,15 @@ async fn previous_uploads(
         }
     }
     Ok(kept)
+}
+
+/// True when `info` describes the object that `prev` recorded uploading.
+fn same_upload(prev: &RenditionUploaded, info: &transcode_core::objects::ObjectInfo) -> bool {
+    info.size == prev.bytes
+        && match &prev.e_tag {
+            Some(tag) => info.e_tag.as_ref() == Some(tag),
+            None => true,
+        }
 }
 
 /// What a resumed attempt still has to transcode.
@@ -1120,6 +1130,13 @@ async fn push(
                     ctx.objects.put_file(&out.path, &url)
                 })
                 .await?;
+            // The tag is what lets a resumed attempt trust this object without reading it back.
+            let e_tag = ctx
+                .with_retry(id, token, "push", &ctx.retry.push, |_| {
+                    ctx.objects.head(&url)
+                })
+                .await?
+                .and_then(|i| i.e_tag);
             let rec = RenditionUploaded {
                 name: out.name.clone(),
                 url: url.to_string(),
@@ -1130,6 +1147,7 @@ async fn push(
                 height: out.height,
                 video_kbps: out.video_kbps,
                 duration_ms: out.duration_ms,
+                e_tag,
             };
             ctx.record(
                 id,
@@ -1194,6 +1212,35 @@ async fn push(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upload_is_reused_only_while_the_store_reports_its_tag() {
+        let rec = |e_tag: Option<&str>| RenditionUploaded {
+            name: "720p".into(),
+            url: "s3://b/out/720p.mp4".into(),
+            bytes: 100,
+            sha256: "ab".into(),
+            source_sha256: "cd".into(),
+            width: 1280,
+            height: 720,
+            video_kbps: 3000,
+            duration_ms: 2000,
+            e_tag: e_tag.map(str::to_string),
+        };
+        let info = |size: u64, e_tag: Option<&str>| transcode_core::objects::ObjectInfo {
+            size,
+            last_modified: chrono::Utc::now(),
+            e_tag: e_tag.map(str::to_string),
+        };
+        assert!(same_upload(&rec(Some("\"x\"")), &info(100, Some("\"x\""))));
+        // Overwritten with bytes of the same length: only the tag tells.
+        assert!(!same_upload(&rec(Some("\"x\"")), &info(100, Some("\"y\""))));
+        assert!(!same_upload(&rec(Some("\"x\"")), &info(100, None)));
+        assert!(!same_upload(&rec(Some("\"x\"")), &info(99, Some("\"x\""))));
+        // Records from before tags were kept: the size is all there is.
+        assert!(same_upload(&rec(None), &info(100, Some("\"z\""))));
+        assert!(!same_upload(&rec(None), &info(101, None)));
+    }
 
     fn rung(name: &str, width: u32, height: u32, audio_kbps: u32) -> Rendition {
         Rendition {

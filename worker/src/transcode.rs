@@ -195,9 +195,12 @@ impl TranscodeError {
         }
     }
 
-    /// True when running the same job again cannot succeed: the input or the job itself is bad.
-    /// Stalls, timeouts, I/O, missing plugins and other GStreamer errors may be the machine's
-    /// fault, so another attempt (maybe on another worker) is worth it.
+    /// True when the error proves the input or the job itself bad. The others (stalls,
+    /// timeouts, I/O, missing plugins, other GStreamer errors) could in principle be the
+    /// machine's fault; the pipeline still fails the task for them, except a missing plugin
+    /// (escalated: an operator fixes the node) and ENOSPC (a scratch error), because the issue
+    /// contract is that a bad input ends within the watchdog's bound instead of being retried
+    /// forever. An admin can resubmit; see docs/decisions.md.
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,

@@ -8,8 +8,8 @@
 //!   as soon as its TCP connection is torn down, with no lease to wait out. When the connection
 //!   is lost while the leader lives (a database restart), [`Leadership::confirm`] reconnects and
 //!   takes the lock again unless a standby got there first; only then is leadership lost.
-//! - **SQLite**: an exclusive advisory file lock on `<db>.leader` (the embedded mode is one
-//!   host), released by the kernel when the process dies. In memory there is one process, so
+//! - **SQLite**: an exclusive advisory file lock on `<db>.<lock name>.leader` (the scaler's is
+//!   `<db>.transcode-scaler.leader`; the embedded mode is one host), released by the kernel when the process dies. In memory there is one process, so
 //!   leadership is always granted.
 
 use super::{StoreError, StoreResult};
