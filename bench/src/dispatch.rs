@@ -143,26 +143,41 @@ async fn system(a: &Args) -> Result<f64> {
     let intake = ep("intake", &info)?;
     let n = a.tasks;
     let t0 = Instant::now();
-    // A DEALER keeps many submissions in flight; replies are counted, not awaited one by one.
+    // A DEALER keeps a window of submissions in flight; replies are counted, not awaited one
+    // by one. The intake answers `busy` past its pending limit (backpressure, as a publisher
+    // would meet it), and a refused submission is simply sent again.
     let submitter = std::thread::spawn(move || -> Result<usize> {
+        const WINDOW: usize = 512;
         let ctx = zmq::Context::new();
         let s = ctx.socket(zmq::DEALER)?;
         s.set_linger(0)?;
         s.set_sndhwm(100_000)?;
-        s.connect(&intake)?;
-        for i in 0..n {
-            let frame = serde_json::json!({"v": 1, "op": "submit", "spec": spec(i)?});
-            s.send_multipart([Vec::new(), serde_json::to_vec(&frame)?], 0)?;
-        }
         s.set_rcvtimeo(60_000)?;
-        let mut ok = 0;
-        for _ in 0..n {
+        s.connect(&intake)?;
+        let (mut next, mut to_send, mut in_flight, mut ok, mut busy) = (0usize, n, 0usize, 0, 0);
+        while ok < n {
+            while to_send > 0 && in_flight < WINDOW {
+                let frame = serde_json::json!({"v": 1, "op": "submit", "spec": spec(next)?});
+                s.send_multipart([Vec::new(), serde_json::to_vec(&frame)?], 0)?;
+                next += 1;
+                to_send -= 1;
+                in_flight += 1;
+            }
             let parts = s.recv_multipart(0)?;
+            in_flight -= 1;
             let reply: serde_json::Value =
                 serde_json::from_slice(parts.last().ok_or_else(|| anyhow!("empty reply"))?)?;
             if reply["ok"] == true {
                 ok += 1;
+            } else if reply["error"]["code"] == "busy" {
+                busy += 1;
+                to_send += 1;
+            } else {
+                bail!("intake refused a submission: {reply}");
             }
+        }
+        if busy > 0 {
+            eprintln!("(intake answered busy {busy} times; those were sent again)");
         }
         Ok(ok)
     });

@@ -121,6 +121,9 @@ struct SubmitArgs {
     /// Source object: s3://bucket/key or file:///path.
     #[arg(long)]
     source: Option<String>,
+    /// The source's sha256, when known: the worker refuses a source that does not match.
+    #[arg(long, value_name = "HEX")]
+    source_sha256: Option<String>,
     /// Output prefix, ending in '/': s3://bucket/prefix/ or file:///dir/.
     #[arg(long)]
     output: Option<String>,
@@ -713,10 +716,14 @@ fn build_spec(a: &SubmitArgs) -> Result<TaskSpec> {
             priority: 0,
             idempotency_key: None,
             max_attempts: None,
+            source_sha256: None,
         },
     };
     if let Some(v) = &a.source {
         spec.source = v.clone();
+    }
+    if let Some(v) = &a.source_sha256 {
+        spec.source_sha256 = Some(v.clone());
     }
     if let Some(v) = &a.output {
         spec.output = v.clone();

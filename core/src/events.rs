@@ -61,6 +61,7 @@ catalog! {
     TaskReleased(TaskReleased),
     TaskResolved(TaskResolved),
     RenditionUploaded(RenditionUploaded),
+    ScalingActionFailed(ScalingActionFailed),
 }
 
 /// The 17 names the mission fixes, in the mission's order.
@@ -315,6 +316,23 @@ pub struct TaskReleased {
     pub reason: String,
 }
 
+/// A scaling target could not carry out a decision (a command timed out or exited non-zero,
+/// Nomad refused, a worker would not start). No count change is assumed: the next evaluation
+/// starts from what the target reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScalingActionFailed {
+    /// `node` or `container`.
+    pub level: String,
+    /// `up` or `down`.
+    pub direction: String,
+    /// The target kind: `local`, `nomad` or `command`.
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub from: u32,
+    pub error: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskResolved {
     pub by: String,
@@ -454,7 +472,7 @@ mod tests {
             );
         }
         // Extras never shadow or rename a mission name.
-        assert_eq!(EventType::ALL.len(), 26);
+        assert_eq!(EventType::ALL.len(), 27);
         let mut all: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
         all.sort_unstable();
         all.dedup();
@@ -502,6 +520,14 @@ mod tests {
             EventBody::HeartbeatReceived(HeartbeatReceived {
                 member: "w1".into(),
                 rtt_ms: Some(0.4),
+            }),
+            EventBody::ScalingActionFailed(ScalingActionFailed {
+                level: "node".into(),
+                direction: "up".into(),
+                target: "command".into(),
+                node: None,
+                from: 2,
+                error: "add_node: exit status 1".into(),
             }),
         ]
     }

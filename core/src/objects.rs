@@ -184,6 +184,13 @@ pub enum ObjectError {
     /// The object is bigger than the caller agreed to hold in memory.
     #[error("{url}: object is {size} bytes, more than the {max} allowed")]
     TooLarge { url: String, size: u64, max: u64 },
+    /// The bytes read do not have the sha256 the caller expected.
+    #[error("{url}: checksum mismatch: expected sha256 {expected}, got {found}")]
+    ChecksumMismatch {
+        url: String,
+        expected: String,
+        found: String,
+    },
     /// The S3 settings cannot work (for example an `http://` endpoint with `allow_http = false`).
     #[error("object store configuration: {message}")]
     Config { message: String },
@@ -209,6 +216,7 @@ impl ObjectError {
             ObjectError::Transient { .. } => "transient",
             ObjectError::LocalIo { .. } => "local_io",
             ObjectError::TooLarge { .. } => "too_large",
+            ObjectError::ChecksumMismatch { .. } => "checksum_mismatch",
             ObjectError::Config { .. } => "config",
             ObjectError::Other { .. } => "other",
         }

@@ -158,6 +158,8 @@ impl Classify for ObjectError {
     fn class(&self) -> ErrorClass {
         if self.is_transient() {
             ErrorClass::Transient
+        } else if matches!(self, ObjectError::ChecksumMismatch { .. }) {
+            ErrorClass::Integrity
         } else {
             // NotFound, PermissionDenied, LocalIo (a full disk among them), TooLarge, Config
             // and Other: none of them changes by waiting. Unclassified server answers (Other,

@@ -84,6 +84,11 @@ pub struct TaskSpec {
     /// How many times the task may be claimed before a lost worker makes it `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// The source's sha256 (64 hex digits) when the publisher knows it. The worker checks the
+    /// pulled bytes against it: a mismatch is pulled once more, and a second mismatch fails
+    /// the task (`source_checksum_mismatch`), since the stored object itself is then bad.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_sha256: Option<String>,
 }
 
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
@@ -146,6 +151,7 @@ pub enum SpecProblem {
     TooMany { max: usize },
     TooLong { max: usize },
     Unsupported(&'static str),
+    NotSha256,
 }
 
 /// A spec refused by validation; `field` is a JSON path such as `renditions[1].width`.
@@ -160,6 +166,7 @@ impl fmt::Display for SpecProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SpecProblem::Missing => f.write_str("is required"),
+            SpecProblem::NotSha256 => f.write_str("must be 64 hexadecimal digits (a sha256)"),
             SpecProblem::BadUrl(e) => write!(f, "{e}"),
             SpecProblem::NotAPrefix => f.write_str("must be a prefix ending in '/'"),
             SpecProblem::UnknownPreset(p) => write!(
@@ -253,6 +260,11 @@ impl TaskSpec {
                 ));
             }
         }
+        if let Some(h) = &self.source_sha256 {
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(err("source_sha256", SpecProblem::NotSha256));
+            }
+        }
         if let Some(m) = self.max_attempts {
             range(
                 "max_attempts".into(),
@@ -337,6 +349,18 @@ mod tests {
                 "container": "mp4", "priority": 0, "idempotency_key": "cat-v1"}"#,
         )
         .expect("the architecture's example spec parses")
+    }
+
+    #[test]
+    fn a_source_sha256_must_be_64_hex_digits() {
+        let mut s = base();
+        s.source_sha256 = Some("ab".repeat(32));
+        assert!(s.validate().is_ok());
+        for bad in ["", "abc", &"zz".repeat(32), &"ab".repeat(33)] {
+            s.source_sha256 = Some(bad.to_string());
+            let e = s.validate().expect_err(bad);
+            assert_eq!(e.field, "source_sha256", "{bad:?}");
+        }
     }
 
     #[test]

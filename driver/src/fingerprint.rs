@@ -154,16 +154,47 @@ pub fn parse_elements(listing: &str) -> Vec<String> {
         .collect()
 }
 
-/// GStreamer's version and the known encoders it has.
+/// The H.264 and AAC encoders in a `gst-inspect-1.0 --types=Encoder/...` listing, told by the
+/// element's name or long name. The registry's klass filter finds encoders this driver has
+/// never heard of (a vendor's hardware plugin), which a fixed list would miss.
+pub fn h264_aac_encoders(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let _plugin = parts.next()?;
+            let element = parts.next()?.trim();
+            let about = parts.next()?.to_ascii_lowercase();
+            let name = element.to_ascii_lowercase();
+            let text = format!("{name} {about}");
+            let h264 = text.contains("h.264") || text.contains("h264") || name.contains("264");
+            let aac = text.contains("aac");
+            (!element.is_empty() && !element.contains(' ') && (h264 || aac))
+                .then(|| element.to_owned())
+        })
+        .collect()
+}
+
+/// GStreamer's version and the H.264/AAC encoders it has: the known ones that are present,
+/// plus any other element the registry classes as a video or audio encoder of those formats.
 pub async fn gstreamer() -> Result<(String, Vec<String>), String> {
     let version = parse_gst_version(&run_gst(&["--version"]).await?)
         .ok_or_else(|| format!("{GST_INSPECT} --version printed no GStreamer version"))?;
     let elements = parse_elements(&run_gst(&[]).await?);
-    let encoders = KNOWN_ENCODERS
+    let mut encoders: Vec<String> = KNOWN_ENCODERS
         .iter()
         .filter(|e| elements.iter().any(|x| x == *e))
         .map(|e| (*e).to_owned())
         .collect();
+    for klass in ["Encoder/Video", "Encoder/Audio"] {
+        let listing = run_gst(&[&format!("--types={klass}")]).await?;
+        for e in h264_aac_encoders(&listing) {
+            if !encoders.contains(&e) {
+                encoders.push(e);
+            }
+        }
+    }
+    encoders.sort();
     Ok((version, encoders))
 }
 
@@ -262,6 +293,21 @@ pub async fn compute(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoders_are_told_by_name_or_long_name() {
+        let listing = "x264:  x264enc: x264 H.264 Encoder\n\
+                       openh264:  openh264enc: OpenH264 video encoder\n\
+                       vendor:  acmeavcenc: Acme H.264 hardware encoder\n\
+                       libav:  avenc_mpeg4: libav MPEG-4 part 2 encoder\n\
+                       voaacenc:  voaacenc: AAC audio encoder\n\
+                       lame:  lamemp3enc: L.A.M.E. mp3 encoder\n\
+                       Total count: 6 elements\n";
+        assert_eq!(
+            h264_aac_encoders(listing),
+            ["x264enc", "openh264enc", "acmeavcenc", "voaacenc"]
+        );
+    }
 
     #[test]
     fn parses_gst_output() {

@@ -871,6 +871,67 @@ async fn tasks_outlive_the_plugin_and_are_recovered() {
     }
 }
 
+/// A worker that ignores SIGTERM (a hung drain) is SIGKILLed once StopTask's timeout passes,
+/// and WaitTask reports the kill rather than hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_task_kills_a_worker_that_ignores_sigterm_after_the_timeout() {
+    let sc = Scenario::new("stubborn");
+    let plugin = Plugin::launch(sc.tmp.path()).await;
+    plugin.configure(&sc.config()).await;
+    let out = sc.out_dir("stubborn");
+    let id = "alloc-4/worker/stubborn";
+    plugin
+        .driver()
+        .start_task(pb::StartTaskRequest {
+            task: Some(task_config(&sc.opts(id, "stubborn", &out))),
+        })
+        .await
+        .expect("StartTask");
+    wait_until_async("the worker to trap SIGTERM", LONG, || {
+        out.join("ready").exists()
+    })
+    .await;
+    let waiter = {
+        let mut d = plugin.driver();
+        tokio::spawn(async move {
+            d.wait_task(pb::WaitTaskRequest { task_id: id.into() })
+                .await
+        })
+    };
+    plugin
+        .driver()
+        .stop_task(pb::StopTaskRequest {
+            task_id: id.into(),
+            timeout: Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            signal: "SIGTERM".into(),
+        })
+        .await
+        .expect("StopTask");
+    let w = tokio::time::timeout(LONG, waiter)
+        .await
+        .expect("WaitTask answered")
+        .expect("join")
+        .expect("WaitTask ok")
+        .into_inner();
+    let r = w.result.expect("result");
+    assert!(
+        out.join("term-ignored").exists(),
+        "SIGTERM was sent first and ignored"
+    );
+    assert_eq!(r.signal, 9, "killed with SIGKILL: {r:?} {}", w.err);
+    plugin
+        .driver()
+        .destroy_task(pb::DestroyTaskRequest {
+            task_id: id.into(),
+            force: true,
+        })
+        .await
+        .expect("DestroyTask");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misconfiguration_is_reported_clearly() {
     let sc = Scenario::new("misconf");

@@ -180,6 +180,22 @@ pub fn s3() -> Option<(String, Vec<(String, String)>)> {
     Some((bucket, env))
 }
 
+/// An object client for the test S3 server, from the env that [`s3`] returns, so a test can
+/// upload sources and read outputs as the processes do.
+pub fn s3_objects(env: &[(String, String)]) -> transcode_core::objects::Objects {
+    use transcode_core::objects::{Objects, ObjectsConfig, S3Config};
+    let endpoint = env
+        .iter()
+        .find(|(k, _)| k == "TRANSCODE_OBJECTS_S3_ENDPOINT")
+        .map(|(_, v)| v.clone());
+    Objects::new(ObjectsConfig {
+        s3: S3Config {
+            endpoint,
+            ..S3Config::default()
+        },
+    })
+}
+
 /// Writes a test clip with gst-launch-1.0: a moving pattern, and a tone when `audio`.
 pub fn make_clip(path: &Path, seconds: u32, width: u32, height: u32, audio: bool) -> Result<()> {
     let frames = seconds * 30;
@@ -276,6 +292,39 @@ where
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Waits up to `timeout` for task `id` to reach a terminal status (succeeded, failed,
+/// cancelled) and returns it; `what` names the wait in the timeout error.
+pub async fn finished(
+    db: &std::sync::Arc<dyn transcode_core::Store>,
+    id: transcode_core::TaskId,
+    timeout: Duration,
+    what: &str,
+) -> Result<transcode_core::Task> {
+    wait_for(timeout, what, || {
+        let db = db.clone();
+        async move {
+            let t = db.get_task(id).await.ok()?;
+            t.status.is_terminal().then_some(t)
+        }
+    })
+    .await
+}
+
+/// Every event of task `id` in store order (empty when the store cannot be read right now, so
+/// it can sit inside a [`wait_for`] poll).
+pub async fn task_events(
+    db: &std::sync::Arc<dyn transcode_core::Store>,
+    id: transcode_core::TaskId,
+) -> Vec<transcode_core::events::StoredEvent> {
+    db.events(&transcode_core::store::EventFilter {
+        task_id: Some(id),
+        limit: 10_000,
+        ..transcode_core::store::EventFilter::default()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 /// Starts a scaler on ephemeral ports.

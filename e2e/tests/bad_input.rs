@@ -91,6 +91,11 @@ async fn missing_source_and_non_video_fail_permanently() -> anyhow::Result<()> {
         !msg.is_empty() && t.error_code.is_some(),
         "carries a code and GStreamer's message: {t:?}"
     );
+    // typefind's own words for a text file, carried through to the task row.
+    assert!(
+        msg.contains("text file"),
+        "GStreamer's message is on the task: {msg}"
+    );
     eprintln!("non-video input: {:?}: {msg}", t.error_code);
     // Both failures are logged as events, and nothing was written to the outputs.
     for id in [missing, not_video] {
@@ -107,6 +112,76 @@ async fn missing_source_and_non_video_fail_permanently() -> anyhow::Result<()> {
             .any(|e| e.event_type == "TranscodedVideoUploaded"));
     }
     assert!(!dir.join("out2").join("small.mp4").exists());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_fails_its_checksum_is_pulled_again_then_fails() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let url = format!("sqlite://{}", dir.join("t.db").display());
+    let scaler = start_scaler(&url, dir, &["--scan-interval-ms", "300"])?;
+    let worker = start_worker("w1", &url, &scaler, &[], dir, &[])?;
+    let db = store::open(&url, 1).await?;
+    let clip = dir.join("clip.mp4");
+    transcode_e2e::make_clip(&clip, 1, 320, 180, false)?;
+    let out = std::process::Command::new("sha256sum")
+        .arg(&clip)
+        .output()?;
+    let real = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(real.len(), 64, "sha256sum output: {out:?}");
+
+    let mut good = spec(
+        &format!("file://{}", clip.display()),
+        &format!("file://{}/good/", dir.display()),
+    );
+    // Upper case is the same digest.
+    good.source_sha256 = Some(real.to_ascii_uppercase());
+    let mut bad = spec(
+        &format!("file://{}", clip.display()),
+        &format!("file://{}/bad/", dir.display()),
+    );
+    bad.source_sha256 = Some("0".repeat(64));
+    let good = db.insert_task(&good, &[]).await?.task.id;
+    let bad = db.insert_task(&bad, &[]).await?.task.id;
+
+    let t = settle(&db, good, 60)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))?;
+    assert_eq!(t.status, TaskStatus::Succeeded, "{:?}", t.error_message);
+
+    let t = settle(&db, bad, 60)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", worker.log_tail()))?;
+    assert_eq!(t.status, TaskStatus::Failed, "{:?}", t.error_message);
+    assert_eq!(t.error_code.as_deref(), Some("source_checksum_mismatch"));
+    let msg = t.error_message.unwrap_or_default();
+    assert!(
+        msg.contains(&real) && msg.contains(&"0".repeat(64)),
+        "{msg}"
+    );
+    let evs = db
+        .events(&EventFilter {
+            task_id: Some(bad),
+            limit: 100,
+            ..EventFilter::default()
+        })
+        .await?;
+    let retries: Vec<_> = evs
+        .iter()
+        .filter(|e| e.event_type == "ContainerErrorRetry")
+        .collect();
+    assert_eq!(retries.len(), 1, "one full retry of the pull, no more");
+    assert_eq!(retries[0].data["class"], "checksum_mismatch");
+    assert!(!evs.iter().any(|e| e.event_type == "VideoFilePulled"));
+    assert!(
+        !dir.join("bad").exists(),
+        "nothing was written for the bad task"
+    );
     Ok(())
 }
 
@@ -225,14 +300,7 @@ async fn worker_killed_mid_task_is_recovered_after_its_lease() -> anyhow::Result
         || {
             let db = db.clone();
             async move {
-                let evs = db
-                    .events(&EventFilter {
-                        task_id: Some(id),
-                        limit: 100,
-                        ..EventFilter::default()
-                    })
-                    .await
-                    .ok()?;
+                let evs = transcode_e2e::task_events(&db, id).await;
                 evs.iter()
                     .any(|e| e.event_type == "VideoFilePulled")
                     .then_some(())

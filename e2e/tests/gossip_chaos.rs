@@ -1,5 +1,5 @@
-//! Gossip under abuse (ARCHITECTURE §7, issue 5 scenarios 2 and 5), with real processes on
-//! the embedded defaults (SQLite and `file://` objects):
+//! Gossip under abuse (ARCHITECTURE §7, issue 5 scenarios 2 and 5), with real processes on the
+//! PostgreSQL store and `file://` objects (read back here to hash them against the manifest):
 //! - a **zombie**, a worker SIGSTOPped mid-task until gossip has the task requeued and
 //!   finished elsewhere, then SIGCONTed, cannot change the task or its outputs;
 //! - **chaos**, a random worker `kill -9`'d and restarted under the same id every few seconds
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use transcode_core::store::{self, EventFilter};
 use transcode_core::{Store, TaskId, TaskSpec, TaskStatus};
-use transcode_e2e::{make_clip, start_scaler, start_worker, wait_for, Proc};
+use transcode_e2e::{make_clip, pg_database, start_scaler, start_worker, wait_for, Proc};
 
 /// Leases this long prove that gossip, not the lease sweeper, recovered the zombie's task.
 const LONG_LEASE: &str = "60";
@@ -58,7 +58,9 @@ fn file_path(url: &str) -> anyhow::Result<&Path> {
 async fn zombie_worker_cannot_touch_its_requeued_task() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let url = format!("sqlite://{}", dir.join("t.db").display());
+    let Some(url) = pg_database("gossipchaos") else {
+        return Ok(());
+    };
     let clip = dir.join("long.mp4");
     make_clip(&clip, 10, 1280, 720, true)?;
     let scaler = start_scaler(&url, dir, &["--scan-interval-ms", "300"])?;
@@ -100,14 +102,7 @@ async fn zombie_worker_cannot_touch_its_requeued_task() -> anyhow::Result<()> {
         || {
             let db = db.clone();
             async move {
-                let evs = db
-                    .events(&EventFilter {
-                        task_id: Some(id),
-                        limit: 100,
-                        ..EventFilter::default()
-                    })
-                    .await
-                    .ok()?;
+                let evs = transcode_e2e::task_events(&db, id).await;
                 if !evs.iter().any(|e| e.event_type == "VideoFilePulled") {
                     return None;
                 }
@@ -125,16 +120,11 @@ async fn zombie_worker_cannot_touch_its_requeued_task() -> anyhow::Result<()> {
     assert_eq!(paused.status, TaskStatus::Running, "paused mid-task");
     let zombie_token = paused.lease_token;
 
-    let done = wait_for(
+    let done = transcode_e2e::finished(
+        &db,
+        id,
         Duration::from_secs(90),
         "the task to succeed on the other worker",
-        || {
-            let db = db.clone();
-            async move {
-                let t = db.get_task(id).await.ok()?;
-                t.status.is_terminal().then_some(t)
-            }
-        },
     )
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", scaler.log_tail()))?;
@@ -233,7 +223,9 @@ async fn chaos_kills_and_same_id_restarts_lose_no_task() -> anyhow::Result<()> {
     let started = Instant::now();
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let url = format!("sqlite://{}", dir.join("t.db").display());
+    let Some(url) = pg_database("gossipchaos") else {
+        return Ok(());
+    };
     let clip = dir.join("tiny.mp4");
     make_clip(&clip, 3, 160, 90, false)?;
     let scaler = start_scaler(&url, dir, &["--scan-interval-ms", "300"])?;

@@ -254,14 +254,7 @@ async fn worker_cut_off_from_the_network_is_detected_and_its_task_recovered() ->
         || {
             let db = db.clone();
             async move {
-                let evs = db
-                    .events(&EventFilter {
-                        task_id: Some(id),
-                        limit: 100,
-                        ..EventFilter::default()
-                    })
-                    .await
-                    .ok()?;
+                let evs = transcode_e2e::task_events(&db, id).await;
                 let t = db.get_task(id).await.ok()?;
                 (evs.iter().any(|e| e.event_type == "VideoFilePulled")
                     && t.worker_id.as_deref() == Some("cut"))
@@ -338,16 +331,11 @@ async fn worker_cut_off_from_the_network_is_detected_and_its_task_recovered() ->
         cut.log_tail()
     );
 
-    let t = wait_for(
+    let t = transcode_e2e::finished(
+        &db,
+        id,
         Duration::from_secs(240),
         "the task to succeed elsewhere",
-        || {
-            let db = db.clone();
-            async move {
-                let t = db.get_task(id).await.ok()?;
-                t.status.is_terminal().then_some(t)
-            }
-        },
     )
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", scaler.log_tail()))?;

@@ -1,23 +1,30 @@
-//! Gossip failure detection and recovery (ARCHITECTURE §7), with real processes on the
-//! embedded defaults (SQLite and `file://` objects): a worker `kill -9`'d mid-transcode is
-//! detected by gossip and its task finishes elsewhere long before its lease would run out, and
-//! a member with the wrong encryption key cannot join and says why.
+//! Gossip failure detection and recovery (ARCHITECTURE §7), with real processes: a worker
+//! `kill -9`'d mid-transcode (PostgreSQL store, S3 objects) is detected by gossip and its task
+//! finishes elsewhere long before its lease would run out, and a member with the wrong
+//! encryption key cannot join and says why (embedded defaults: gossip is all it exercises).
 
 use std::time::Duration;
 use transcode_core::store::{self, EventFilter};
+use transcode_core::url::ObjectUrl;
 use transcode_core::{TaskSpec, TaskStatus};
-use transcode_e2e::{make_clip, start_scaler, start_worker, wait_for};
+use transcode_e2e::{make_clip, pg_database, s3, s3_objects, start_scaler, start_worker, wait_for};
 
 /// Leases this long prove that gossip, not the lease sweeper, recovered the task.
 const LONG_LEASE: &str = "60";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_transcode_is_detected_by_gossip_and_recovered() -> anyhow::Result<()> {
+    let (Some(url), Some((bucket, s3env))) = (pg_database("gossipkill"), s3()) else {
+        return Ok(());
+    };
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    let url = format!("sqlite://{}", dir.join("t.db").display());
     let clip = dir.join("long.mp4");
     make_clip(&clip, 12, 1280, 720, true)?;
+    let prefix = format!("e2e-gossip-{}", uuid::Uuid::new_v4().simple());
+    let source = ObjectUrl::parse(&format!("s3://{bucket}/{prefix}/in/long.mp4"))?;
+    let objects = s3_objects(&s3env);
+    objects.put_file(&clip, &source).await?;
     let scaler = start_scaler(&url, dir, &["--scan-interval-ms", "300"])?;
     let join = scaler.endpoint("gossip");
     assert!(!join.is_empty(), "the scaler reports its gossip address");
@@ -27,7 +34,7 @@ async fn worker_killed_mid_transcode_is_detected_by_gossip_and_recovered() -> an
             name,
             &url,
             &scaler,
-            &[],
+            &s3env,
             dir,
             &["--lease-seconds", LONG_LEASE, "--gossip-join", &join],
         )?);
@@ -50,8 +57,8 @@ async fn worker_killed_mid_transcode_is_detected_by_gossip_and_recovered() -> an
     )
     .await?;
     let task_spec: TaskSpec = serde_json::from_value(serde_json::json!({
-        "source": format!("file://{}", clip.display()),
-        "output": format!("file://{}/out/", dir.display()),
+        "source": source.to_string(),
+        "output": format!("s3://{bucket}/{prefix}/out/"),
         "preset": "hd",
     }))?;
     let id = db.insert_task(&task_spec, &[]).await?.task.id;
@@ -61,14 +68,7 @@ async fn worker_killed_mid_transcode_is_detected_by_gossip_and_recovered() -> an
         || {
             let db = db.clone();
             async move {
-                let evs = db
-                    .events(&EventFilter {
-                        task_id: Some(id),
-                        limit: 100,
-                        ..EventFilter::default()
-                    })
-                    .await
-                    .ok()?;
+                let evs = transcode_e2e::task_events(&db, id).await;
                 if !evs.iter().any(|e| e.event_type == "VideoFilePulled") {
                     return None;
                 }
@@ -89,16 +89,11 @@ async fn worker_killed_mid_transcode_is_detected_by_gossip_and_recovered() -> an
         "killed mid-task"
     );
 
-    let t = wait_for(
+    let t = transcode_e2e::finished(
+        &db,
+        id,
         Duration::from_secs(120),
         "the task to succeed elsewhere",
-        || {
-            let db = db.clone();
-            async move {
-                let t = db.get_task(id).await.ok()?;
-                t.status.is_terminal().then_some(t)
-            }
-        },
     )
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", scaler.log_tail()))?;
@@ -156,6 +151,16 @@ async fn worker_killed_mid_transcode_is_detected_by_gossip_and_recovered() -> an
         all.iter().any(|e| e.event_type == "HeartbeatReceived"),
         "heartbeats reach the store (at most one per member per interval)"
     );
+    // The recovered attempt's outputs are in S3, as its manifest says.
+    let manifest = ObjectUrl::parse(&format!("s3://{bucket}/{prefix}/out/manifest.json"))?;
+    let m: serde_json::Value =
+        serde_json::from_slice(&objects.get_bytes(&manifest, 1 << 20).await?)?;
+    assert_eq!(m["task_id"], serde_json::json!(id));
+    for o in m["outputs"].as_array().into_iter().flatten() {
+        let url = ObjectUrl::parse(o["url"].as_str().unwrap_or_default())?;
+        let head = objects.head(&url).await?;
+        assert_eq!(head.map(|h| h.size), o["bytes"].as_u64(), "{url}");
+    }
     eprintln!(
         "detected {} failure, requeued, succeeded on {:?} (attempt {})",
         victim, t.worker_id, t.attempts

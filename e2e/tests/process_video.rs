@@ -9,12 +9,11 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use transcode_core::objects::{Objects, ObjectsConfig, S3Config};
 use transcode_core::store::{self, EventFilter};
 use transcode_core::url::ObjectUrl;
 use transcode_core::{TaskId, TaskStatus};
 use transcode_e2e::{
-    bin, ffprobe, make_clip, pg_database, s3, start_scaler, start_worker, wait_for,
+    bin, ffprobe, make_clip, pg_database, s3, s3_objects, start_scaler, start_worker, wait_for,
 };
 
 // Every task here asks for two renditions, so two `RenditionUploaded` records precede the
@@ -42,7 +41,7 @@ async fn six_videos_through_scaler_and_two_workers() -> anyhow::Result<()> {
     let logs = tmp.path();
     // Two sources: one with audio, one without (video-only outputs).
     let prefix = format!("e2e-{}", uuid::Uuid::new_v4().simple());
-    let objects = test_objects(&s3env);
+    let objects = s3_objects(&s3env);
     let mut sources = Vec::new();
     for (name, audio) in [("tone", true), ("silent", false)] {
         let local = logs.join(format!("{name}.mp4"));
@@ -244,17 +243,4 @@ async fn six_videos_through_scaler_and_two_workers() -> anyhow::Result<()> {
     }
     drop((w1, w2, scaler));
     Ok(())
-}
-
-fn test_objects(env: &[(String, String)]) -> Objects {
-    let endpoint = env
-        .iter()
-        .find(|(k, _)| k == "TRANSCODE_OBJECTS_S3_ENDPOINT")
-        .map(|(_, v)| v.clone());
-    Objects::new(ObjectsConfig {
-        s3: S3Config {
-            endpoint,
-            ..S3Config::default()
-        },
-    })
 }

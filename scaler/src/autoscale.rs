@@ -19,7 +19,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use transcode_core::bus::Publisher;
 use transcode_core::config::PolicyConfig;
-use transcode_core::events::{ContainerScaled, EventBody, NodeScaled, Origin, ThresholdReached};
+use transcode_core::events::{
+    ContainerScaled, EventBody, NodeScaled, Origin, ScalingActionFailed, ThresholdReached,
+};
 use transcode_core::membership::{MemberInfo, MemberState};
 use transcode_core::metrics::{Kind, Registry};
 use transcode_core::store::Store;
@@ -180,6 +182,29 @@ impl Loop {
         if let Err(e) = self.d.store.append_events(std::slice::from_ref(&ev)).await {
             tracing::warn!(error = %e, event = %ev.event_type(), "scaling event not logged to the store");
         }
+    }
+
+    /// A failed action is an event too, so it shows in `transcode events` beside the decisions
+    /// that worked, and in `/v1/scaling`'s recent list.
+    async fn failed(
+        &mut self,
+        level: &str,
+        direction: &str,
+        target: &str,
+        node: Option<String>,
+        from: u32,
+        error: String,
+    ) {
+        self.remember(serde_json::json!({"level": level, "at": chrono::Utc::now(), "done": format!("scaling {direction} failed"), "from": from, "node": node, "error": error}));
+        self.emit(EventBody::ScalingActionFailed(ScalingActionFailed {
+            level: level.to_string(),
+            direction: direction.to_string(),
+            target: target.to_string(),
+            node,
+            from,
+            error,
+        }))
+        .await;
     }
 
     fn remember(&mut self, entry: serde_json::Value) {
@@ -527,6 +552,9 @@ impl Loop {
                         ACTIONS,
                         &[("level", "node"), ("direction", "up"), ("result", "error")],
                     );
+                    let target = self.s.node_target.kind();
+                    self.failed("node", "up", target, None, from, e.to_string())
+                        .await;
                 }
                 if added.is_empty() {
                     return;
@@ -567,6 +595,9 @@ impl Loop {
                             ("result", "error"),
                         ],
                     );
+                    let target = self.s.node_target.kind();
+                    self.failed("node", "down", target, Some(node), from, e.to_string())
+                        .await;
                     return;
                 }
                 let to = from.saturating_sub(1);
@@ -606,6 +637,16 @@ impl Loop {
                             ("result", "error"),
                         ],
                     );
+                    let target = self.s.container_target.kind();
+                    self.failed(
+                        "container",
+                        direction,
+                        target,
+                        Some(node),
+                        from,
+                        e.to_string(),
+                    )
+                    .await;
                     return;
                 }
                 if let Some(ev) = self.containers.get_mut(&node) {

@@ -20,6 +20,13 @@ pub struct Gossip {
     membership: Arc<Membership>,
 }
 
+/// What the worker tells its member as it runs: how many tasks it holds (the `busy` tag) and
+/// whether a drain has started (the `state` tag).
+pub struct Live {
+    pub busy: Arc<AtomicU32>,
+    pub draining: watch::Receiver<bool>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GossipError {
     #[error(transparent)]
@@ -41,9 +48,9 @@ impl Gossip {
         id: &str,
         node: &str,
         slots: u32,
-        busy: Arc<AtomicU32>,
-        mut draining: watch::Receiver<bool>,
+        live: Live,
     ) -> Result<Gossip, GossipError> {
+        let Live { busy, mut draining } = live;
         let settings = Settings::from_config(cfg)?;
         let mut sampler = Sampler::new(Source::parse(&util.source)?, node, util.smoothing);
         metrics.describe(

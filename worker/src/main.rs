@@ -222,8 +222,10 @@ async fn run() -> Result<()> {
         &id,
         &node,
         cfg.worker.slots,
-        busy.clone(),
-        stop_rx.clone(),
+        transcode_worker::gossip::Live {
+            busy: busy.clone(),
+            draining: stop_rx.clone(),
+        },
     )
     .await
     .context("starting gossip")?;

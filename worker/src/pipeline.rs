@@ -715,6 +715,11 @@ fn object_stop(operation: &str, e: ObjectError, attempts: u32, exhausted: bool) 
             "source_not_found".into(),
             format!("source not found: {url}"),
         ),
+        // Pulled twice, wrong twice: the stored object is not the one the publisher meant.
+        ObjectError::ChecksumMismatch { .. } if operation == "pull" => Stop::Fail(
+            "source_checksum_mismatch".into(),
+            format!("after {attempts} pulls: {e}"),
+        ),
         ObjectError::LocalIo { path, source } if is_no_space(source) => {
             scratch_stop(operation, path, source)
         }
@@ -792,8 +797,19 @@ async fn process(
             sha256: String::new(),
         }
     } else {
-        ctx.with_retry(id, token, "pull", &ctx.retry.pull, |_| {
-            ctx.objects.get_to_file(&spec.source, &input)
+        let expected = spec.spec.source_sha256.as_deref();
+        ctx.with_retry(id, token, "pull", &ctx.retry.pull, |_| async {
+            let t = ctx.objects.get_to_file(&spec.source, &input).await?;
+            match expected {
+                Some(want) if !want.eq_ignore_ascii_case(&t.sha256) => {
+                    Err(ObjectError::ChecksumMismatch {
+                        url: spec.source.to_string(),
+                        expected: want.to_ascii_lowercase(),
+                        found: t.sha256,
+                    })
+                }
+                _ => Ok(t),
+            }
         })
         .await?
     };

@@ -114,6 +114,7 @@ case "$mode" in
   cpu) while :; do :; done ;;
   mem) exec tail /dev/zero ;;
   exit-on-file) while [ ! -e "$out/go" ]; do sleep 0.1; done; exit 7 ;;
+  stubborn) trap 'touch "$out/term-ignored"' TERM; touch "$out/ready"; while :; do sleep 0.1; done ;;
 esac
 trap 'echo usr1 > "$out/usr1"' USR1
 trap 'echo draining; touch "$out/drained"; sleep 0.3; exit 0' TERM
