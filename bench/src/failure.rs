@@ -1,8 +1,10 @@
 //! `bench-failure`: time from `kill -9` of one gossip member to a survivor observing it
 //! failed, for our membership (`transcode_core::membership`, default 1 s probe / 500 ms
 //! timeout) and for HashiCorp's Serf agent (LAN profile: the same 1 s / 500 ms), each with N
-//! members on loopback, in one invocation; then a quiet run with no kills that counts false
-//! failures. Run through `bench/failure-detection.sh`. Not a test.
+//! members on loopback, in one invocation; then the figure the farm acts on, the time until a
+//! real `transcode-scaler` publishes `ContainerFailureDetected` on its bus (the scaler and N-1
+//! worker members); then a quiet run with no kills that counts false failures. Run through
+//! `bench/failure-detection.sh`. Not a test.
 //!
 //! Each of our members is this binary in its hidden `member` mode: one process per member, as
 //! in production, printing one JSON line per membership event with its wall-clock time, so
@@ -42,6 +44,9 @@ struct Args {
     /// The HashiCorp Serf agent binary.
     #[arg(long, default_value = "serf")]
     serf: PathBuf,
+    /// The folder holding `transcode-scaler` (for the ContainerFailureDetected figure).
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -54,6 +59,9 @@ enum Mode {
         id: String,
         #[arg(long)]
         join: Option<String>,
+        /// The `role` tag: the scaler recovers only members tagged `worker`.
+        #[arg(long, default_value = "bench")]
+        role: String,
     },
 }
 
@@ -63,7 +71,7 @@ fn now_ms() -> u128 {
         .map_or(0, |d| d.as_millis())
 }
 
-fn member_mode(id: String, join: Option<String>) -> Result<()> {
+fn member_mode(id: String, join: Option<String>, role: String) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -75,7 +83,7 @@ fn member_mode(id: String, join: Option<String>) -> Result<()> {
         };
         let settings = Settings::from_config(&cfg)?;
         let tags = MemberTags {
-            role: "bench".into(),
+            role,
             node: id.clone(),
             slots: 1,
             state: "active".into(),
@@ -125,9 +133,18 @@ type Line = (usize, serde_json::Value);
 
 /// Starts our member `idx`; its event lines go to `tx`. Returns the process and its address.
 fn spawn_ours(idx: usize, join: Option<&str>, tx: &mpsc::Sender<Line>) -> Result<(Kid, String)> {
+    spawn_member(idx, join, "bench", tx)
+}
+
+fn spawn_member(
+    idx: usize,
+    join: Option<&str>,
+    role: &str,
+    tx: &mpsc::Sender<Line>,
+) -> Result<(Kid, String)> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
-    cmd.args(["member", "--id", &format!("n{idx}")]);
+    cmd.args(["member", "--id", &format!("n{idx}"), "--role", role]);
     if let Some(j) = join {
         cmd.args(["--join", j]);
     }
@@ -295,6 +312,101 @@ fn serf_once(serf: &PathBuf, n: usize) -> Result<f64> {
     }
 }
 
+/// A real scaler (SQLite in a temp dir, ephemeral ports) and N-1 members tagged `worker`; kill
+/// the last one and time until `ContainerFailureDetected` naming it arrives on the scaler's
+/// bus, which is when the farm starts recovering its tasks.
+fn scaler_once(bin_dir: &std::path::Path, n: usize) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let store = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let mut child = Command::new(bin_dir.join("transcode-scaler"))
+        .args(["--store", &store, "--migrate", "--id", "bench-scaler"])
+        .args([
+            "--intake",
+            "tcp://127.0.0.1:0",
+            "--dispatch",
+            "tcp://127.0.0.1:0",
+        ])
+        .args([
+            "--events-pub",
+            "tcp://127.0.0.1:0",
+            "--events-sub",
+            "tcp://127.0.0.1:0",
+        ])
+        .args(["--http", "127.0.0.1:0"])
+        .env("TRANSCODE_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}/transcode-scaler", bin_dir.display()))?;
+    let out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let _scaler = Kid(child);
+    let mut lines = BufReader::new(out).lines();
+    let first = lines
+        .next()
+        .ok_or_else(|| anyhow!("the scaler printed nothing"))??;
+    std::thread::spawn(move || for _ in lines {});
+    let info: serde_json::Value = serde_json::from_str(&first)?;
+    let (Some(gossip), Some(xpub)) = (info["gossip"].as_str(), info["events_pub"].as_str()) else {
+        bail!("the scaler did not report gossip and events_pub: {first}");
+    };
+    let zctx = zmq::Context::new();
+    let sub = zctx.socket(zmq::SUB)?;
+    sub.set_linger(0)?;
+    sub.connect(xpub)?;
+    sub.set_subscribe(b"ContainerFailureDetected")?;
+    sub.set_subscribe(b"HeartbeatReceived")?;
+    let (tx, _rx) = mpsc::channel();
+    let mut kids = Vec::new();
+    for i in 1..n {
+        kids.push(spawn_member(i, Some(gossip), "worker", &tx)?.0);
+    }
+    // Formed once the scaler has heard from every member (heartbeats name them).
+    let mut heard = std::collections::HashSet::new();
+    let deadline = Instant::now() + PATIENCE;
+    sub.set_rcvtimeo(1000)?;
+    while heard.len() < n - 1 {
+        if Instant::now() > deadline {
+            bail!("scaler N={n}: heard only {} members", heard.len());
+        }
+        let Ok(parts) = sub.recv_multipart(0) else {
+            continue;
+        };
+        if let Some(v) = parts
+            .get(1)
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+        {
+            if let Some(m) = v["data"]["member"].as_str() {
+                heard.insert(m.to_string());
+            }
+        }
+    }
+    std::thread::sleep(SETTLE);
+    sub.set_unsubscribe(b"HeartbeatReceived")?;
+    let victim = format!("n{}", n - 1);
+    let killed = Instant::now();
+    if let Some(k) = kids.last_mut() {
+        k.kill();
+    }
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if Instant::now() > deadline {
+            bail!("scaler N={n}: no ContainerFailureDetected for {victim}");
+        }
+        let Ok(parts) = sub.recv_multipart(0) else {
+            continue;
+        };
+        let at = killed.elapsed().as_secs_f64();
+        let v: serde_json::Value = parts
+            .get(1)
+            .and_then(|b| serde_json::from_slice(b).ok())
+            .unwrap_or_default();
+        if v["type"] == "ContainerFailureDetected" && v["data"]["member"] == victim.as_str() {
+            return Ok(at);
+        }
+    }
+}
+
 /// N = 10 of ours, no kills, for `secs`: every Failed any member reports is a false failure.
 fn quiet(secs: u64) -> Result<usize> {
     let n = 10;
@@ -322,8 +434,8 @@ fn quiet(secs: u64) -> Result<usize> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let Some(Mode::Member { id, join }) = args.mode {
-        return member_mode(id, join);
+    if let Some(Mode::Member { id, join, role }) = args.mode {
+        return member_mode(id, join, role);
     }
     println!("failure detection on loopback, probe 1 s / timeout 500 ms, kill -9 → failed seen by a survivor");
     println!(
@@ -348,6 +460,25 @@ fn main() -> Result<()> {
         let (o, s) = (median(ours.clone()), median(theirs.clone()));
         println!(
             "{n:>4}  {o:>12.2}  {s:>12.2}  {:>9.2}x   ours {ours:.2?}  serf {theirs:.2?}",
+            o / s
+        );
+    }
+    println!();
+    println!("kill -9 of a worker → ContainerFailureDetected on a real scaler's bus (N members incl. the scaler)");
+    println!(
+        "{:>4}  {:>12}  {:>12}  {:>10}",
+        "N", "scaler (s)", "serf (s)", "scaler/serf"
+    );
+    for &n in &args.sizes {
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        for _ in 0..args.trials {
+            ours.push(scaler_once(&args.bin_dir, n)?);
+            theirs.push(serf_once(&args.serf, n)?);
+        }
+        let (o, s) = (median(ours.clone()), median(theirs.clone()));
+        println!(
+            "{n:>4}  {o:>12.2}  {s:>12.2}  {:>9.2}x   scaler {ours:.2?}  serf {theirs:.2?}",
             o / s
         );
     }
