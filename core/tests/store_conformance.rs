@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use transcode_core::events::{EventBody, Origin, TaskReceived, TaskResolved};
 use transcode_core::store::{
-    self, Claimant, EventFilter, Fence, Member, Patch, Store, StoreError, TaskFilter,
+    self, Claimant, EventFilter, Fence, Member, Patch, RunningUpdate, Store, StoreError, TaskFilter,
 };
 use transcode_core::{TaskSpec, TaskStatus};
 
@@ -293,6 +293,117 @@ async fn racing_claims_on_one_id(s: Arc<dyn Store>) {
         total += h.await.expect("join");
     }
     assert_eq!(total, 100);
+}
+
+/// Steps of many tasks in one transaction: each is fenced alone (a zombie's step fails, and its
+/// event is not logged, while the others commit), and the writer that groups concurrent steps
+/// gives every caller its own answer.
+async fn batched_steps_are_fenced_one_by_one(s: Arc<dyn Store>) {
+    let step = |n: u32| {
+        origin().event(
+            None,
+            EventBody::TaskReceived(TaskReceived {
+                worker: "w1".into(),
+                attempt: n,
+            }),
+        )
+    };
+    let mut held = Vec::new();
+    for n in 0..4 {
+        let id = s
+            .insert_task(&spec(900 + n), &[])
+            .await
+            .expect("insert")
+            .task
+            .id;
+        let t = s.claim(id, &who("w1"), LEASE, &[]).await.expect("claim");
+        held.push((id, t.lease_token));
+    }
+    // Task 2 is requeued behind the worker's back: its token goes stale.
+    s.recover_task(held[2].0, Fence::Admin, &origin(), "worker lost", &[])
+        .await
+        .expect("recover");
+    let missing = uuid::Uuid::now_v7();
+    let mut items: Vec<RunningUpdate> = held
+        .iter()
+        .enumerate()
+        .map(|(i, (id, token))| RunningUpdate {
+            id: *id,
+            token: *token,
+            patch: Patch {
+                progress: Some(10 + i as u8),
+                ..Patch::default()
+            },
+            events: vec![step(i as u32)],
+        })
+        .collect();
+    items.push(RunningUpdate {
+        id: missing,
+        token: 1,
+        patch: Patch::default(),
+        events: vec![step(99)],
+    });
+    let results = s
+        .update_running_many(&items)
+        .await
+        .expect("one transaction");
+    assert_eq!(results.len(), 5);
+    for (i, r) in results.iter().enumerate() {
+        match i {
+            2 => assert!(matches!(r, Err(StoreError::StaleToken { .. })), "{r:?}"),
+            4 => assert!(matches!(r, Err(StoreError::NotFound(_))), "{r:?}"),
+            _ => assert!(r.is_ok(), "{i}: {r:?}"),
+        }
+    }
+    for (i, (id, _)) in held.iter().enumerate() {
+        let logged = s
+            .events(&EventFilter {
+                task_id: Some(*id),
+                limit: 100,
+                ..EventFilter::default()
+            })
+            .await
+            .expect("events");
+        let has_step = logged.iter().any(|e| e.id == items[i].events[0].id);
+        assert_eq!(
+            has_step,
+            i != 2,
+            "task {i}: step logged only when fenced in"
+        );
+        if i != 2 {
+            assert_eq!(s.get_task(*id).await.expect("get").progress, 10 + i as u8);
+        }
+    }
+
+    // Through the writer, concurrently: every step answered, the stale one refused.
+    let writer = transcode_core::store::StepWriter::start(s.clone());
+    let calls = held.iter().enumerate().map(|(i, (id, token))| {
+        let w = writer.clone();
+        let (id, token) = (*id, *token);
+        async move {
+            let ev = step(100 + i as u32);
+            let r = w
+                .update_running(
+                    id,
+                    token,
+                    &Patch {
+                        progress: Some(50),
+                        ..Patch::default()
+                    },
+                    std::slice::from_ref(&ev),
+                )
+                .await;
+            (i, r)
+        }
+    });
+    for (i, r) in futures::future::join_all(calls).await {
+        if i == 2 {
+            assert!(matches!(r, Err(StoreError::StaleToken { .. })), "{r:?}");
+        } else {
+            r.expect("fenced in");
+            assert_eq!(s.get_task(held[i].0).await.expect("get").progress, 50);
+        }
+    }
 }
 
 async fn stale_token_is_rejected(s: Arc<dyn Store>) {
@@ -791,6 +902,7 @@ conformance!(
     eight_claimers_thousand_tasks,
     racing_claims_on_one_id,
     stale_token_is_rejected,
+    batched_steps_are_fenced_one_by_one,
     expired_lease_is_requeued,
     state_machine_is_enforced,
     events_batches_and_cursor,

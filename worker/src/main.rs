@@ -190,6 +190,7 @@ async fn run() -> Result<()> {
     let objects = Objects::new(cfg.objects.clone());
     let ctx = Arc::new(Ctx {
         store: store.clone(),
+        steps: transcode_core::store::StepWriter::start(store.clone()),
         objects,
         bus,
         origin: Origin::new(id.clone(), node.clone()),

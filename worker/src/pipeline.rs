@@ -47,6 +47,8 @@ pub enum Mode {
 /// Everything a pipeline needs, shared by all slots of a worker.
 pub struct Ctx {
     pub store: Arc<dyn Store>,
+    /// Step records of every running task go through here, so concurrent tasks share commits.
+    pub steps: transcode_core::store::StepWriter,
     pub objects: Objects,
     pub bus: Publisher,
     pub origin: Origin,
@@ -308,7 +310,7 @@ impl Ctx {
             ..Patch::default()
         };
         self.write_once("record", id, &evs, || {
-            self.store.update_running(id, token, &patch, &evs)
+            self.steps.update_running(id, token, &patch, &evs)
         })
         .await?;
         self.publish(&evs);

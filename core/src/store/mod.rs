@@ -3,10 +3,12 @@
 //! pass one conformance suite (`core/tests/store_conformance.rs`). Status changes go through
 //! [`TaskStatus::check_transition`] inside the same transaction that writes their events.
 
+mod batch;
 mod leader;
 mod postgres;
 mod sqlite;
 
+pub use batch::StepWriter;
 pub use leader::{lock_key, Leadership};
 
 pub use postgres::PgStore;
@@ -88,6 +90,16 @@ pub struct Patch {
     pub progress: Option<u8>,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
+}
+
+/// One fenced step of a running task, as [`Store::update_running`] takes it; the unit that
+/// [`Store::update_running_many`] and the [`StepWriter`] group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningUpdate {
+    pub id: TaskId,
+    pub token: i64,
+    pub patch: Patch,
+    pub events: Vec<Event>,
 }
 
 /// Filter and page for listing tasks, newest first.
@@ -200,6 +212,24 @@ pub trait Store: Send + Sync + 'static {
         patch: &Patch,
         events: &[Event],
     ) -> StoreResult<()>;
+
+    /// Many [`update_running`](Store::update_running) steps, of any tasks, in one transaction:
+    /// one commit for the lot, each step still fenced on its own. The outer error means
+    /// nothing was written (the connection failed); otherwise each item has its own answer,
+    /// and a stale token fails only its own item. The default runs them one by one.
+    async fn update_running_many(
+        &self,
+        items: &[RunningUpdate],
+    ) -> StoreResult<Vec<StoreResult<()>>> {
+        let mut out = Vec::with_capacity(items.len());
+        for it in items {
+            out.push(
+                self.update_running(it.id, it.token, &it.patch, &it.events)
+                    .await,
+            );
+        }
+        Ok(out)
+    }
 
     /// Moves a task to `to`, checked against the state machine and the fence, and appends
     /// `events` in the same transaction. Leaving `running` clears the lease.

@@ -5,7 +5,7 @@
 
 use super::{
     check_fence, lease_millis, recovery_event, recovery_target, Claimant, EventFilter, Fence,
-    Inserted, Member, Patch, Recovered, Store, StoreError, StoreResult, TaskFilter,
+    Inserted, Member, Patch, Recovered, RunningUpdate, Store, StoreError, StoreResult, TaskFilter,
 };
 use crate::events::{Event, Origin, StoredEvent};
 use crate::spec::TaskSpec;
@@ -560,6 +560,55 @@ impl Store for PgStore {
             }
             insert_events(&tx, events, Some(id)).await?;
         })
+    }
+
+    async fn update_running_many(
+        &self,
+        items: &[RunningUpdate],
+    ) -> StoreResult<Vec<StoreResult<()>>> {
+        // Rows are locked in id order, so two batches touching the same tasks (this writer and
+        // a scaler's recovery, say) queue behind each other instead of deadlocking.
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|&i| items[i].id);
+        let mut results: Vec<StoreResult<()>> = items.iter().map(|_| Ok(())).collect();
+        let committed: StoreResult<()> = in_tx!(self, |tx| {
+            let stmt = tx
+                .prepare_cached(
+                    "UPDATE tasks SET progress = COALESCE($3, progress), updated_at = now() \
+                     WHERE id = $1 AND lease_token = $2 AND status = 'running'",
+                )
+                .await
+                .map_err(pg)?;
+            let mut events = Vec::new();
+            for &i in &order {
+                let it = &items[i];
+                let progress = it.patch.progress.map(i16::from);
+                let n = tx
+                    .execute(&stmt, &[&it.id, &it.token, &progress])
+                    .await
+                    .map_err(pg)?;
+                if n == 0 {
+                    // A definite answer for this step alone; the rest of the batch goes on.
+                    let verdict = match load(&tx, it.id, false).await {
+                        Ok(task) => check_fence(&task, Fence::Token(it.token)),
+                        Err(e @ StoreError::NotFound(_)) => Err(e),
+                        Err(e) => return Err(e),
+                    };
+                    if verdict.is_err() {
+                        results[i] = verdict;
+                        continue;
+                    }
+                }
+                events.extend(it.events.iter().map(|e| {
+                    let mut e = e.clone();
+                    e.subject = e.subject.or(Some(it.id));
+                    e
+                }));
+            }
+            insert_events(&tx, &events, None).await?;
+        });
+        committed?;
+        Ok(results)
     }
 
     async fn transition(
