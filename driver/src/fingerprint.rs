@@ -142,36 +142,30 @@ pub fn parse_gst_version(text: &str) -> Option<String> {
 
 /// Element names from the plain `gst-inspect-1.0` listing ("plugin:  element: description").
 pub fn parse_elements(listing: &str) -> Vec<String> {
-    listing
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let _plugin = parts.next()?;
-            let element = parts.next()?.trim();
-            parts.next()?;
-            (!element.is_empty() && !element.contains(' ')).then(|| element.to_owned())
-        })
-        .collect()
+    entries(listing).map(|(e, _)| e.to_owned()).collect()
+}
+
+/// `(element, long name)` of each `plugin:  element: long name` line of a gst-inspect listing.
+fn entries(listing: &str) -> impl Iterator<Item = (&str, &str)> {
+    listing.lines().filter_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let _plugin = parts.next()?;
+        let element = parts.next()?.trim();
+        let about = parts.next()?;
+        (!element.is_empty() && !element.contains(' ')).then_some((element, about))
+    })
 }
 
 /// The H.264 and AAC encoders in a `gst-inspect-1.0 --types=Encoder/...` listing, told by the
 /// element's name or long name. The registry's klass filter finds encoders this driver has
 /// never heard of (a vendor's hardware plugin), which a fixed list would miss.
 pub fn h264_aac_encoders(listing: &str) -> Vec<String> {
-    listing
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let _plugin = parts.next()?;
-            let element = parts.next()?.trim();
-            let about = parts.next()?.to_ascii_lowercase();
-            let name = element.to_ascii_lowercase();
-            let text = format!("{name} {about}");
-            let h264 = text.contains("h.264") || text.contains("h264") || name.contains("264");
-            let aac = text.contains("aac");
-            (!element.is_empty() && !element.contains(' ') && (h264 || aac))
-                .then(|| element.to_owned())
+    entries(listing)
+        .filter(|(element, about)| {
+            let text = format!("{element} {about}").to_ascii_lowercase();
+            text.contains("h.264") || text.contains("264") || text.contains("aac")
         })
+        .map(|(e, _)| e.to_owned())
         .collect()
 }
 

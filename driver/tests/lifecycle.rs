@@ -76,6 +76,33 @@ fn cgroup_of(pid: i32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()
 }
 
+/// WaitTask in flight, then StopTask (SIGTERM, `timeout_secs` before the kill): what WaitTask
+/// answers once the task is gone.
+async fn stop_and_wait(p: &Plugin, id: &str, timeout_secs: i64) -> pb::WaitTaskResponse {
+    let waiter = {
+        let mut d = p.driver();
+        let task_id = id.to_string();
+        tokio::spawn(async move { d.wait_task(pb::WaitTaskRequest { task_id }).await })
+    };
+    p.driver()
+        .stop_task(pb::StopTaskRequest {
+            task_id: id.into(),
+            timeout: Some(prost_types::Duration {
+                seconds: timeout_secs,
+                nanos: 0,
+            }),
+            signal: "SIGTERM".into(),
+        })
+        .await
+        .expect("StopTask");
+    tokio::time::timeout(LONG, waiter)
+        .await
+        .expect("WaitTask answered")
+        .expect("join")
+        .expect("WaitTask ok")
+        .into_inner()
+}
+
 async fn wait_task(p: &Plugin, id: &str) -> pb::WaitTaskResponse {
     tokio::time::timeout(
         LONG,
@@ -801,33 +828,7 @@ async fn tasks_outlive_the_plugin_and_are_recovered() {
     drop(stats);
 
     // WaitTask on the recovered (non-child) task sees its real exit after a drain.
-    let waiter = {
-        let mut d = second.driver();
-        tokio::spawn(async move {
-            d.wait_task(pb::WaitTaskRequest {
-                task_id: "alloc-3/worker/drain".into(),
-            })
-            .await
-        })
-    };
-    second
-        .driver()
-        .stop_task(pb::StopTaskRequest {
-            task_id: "alloc-3/worker/drain".into(),
-            timeout: Some(prost_types::Duration {
-                seconds: 15,
-                nanos: 0,
-            }),
-            signal: "SIGTERM".into(),
-        })
-        .await
-        .expect("StopTask");
-    let w = tokio::time::timeout(LONG, waiter)
-        .await
-        .expect("WaitTask answered")
-        .expect("join")
-        .expect("WaitTask ok")
-        .into_inner();
+    let w = stop_and_wait(&second, "alloc-3/worker/drain", 15).await;
     let r = w.result.expect("result");
     assert_eq!((r.exit_code, r.signal), (0, 0), "{}", w.err);
     assert!(drain_out.join("drained").exists());
@@ -891,31 +892,7 @@ async fn stop_task_kills_a_worker_that_ignores_sigterm_after_the_timeout() {
         out.join("ready").exists()
     })
     .await;
-    let waiter = {
-        let mut d = plugin.driver();
-        tokio::spawn(async move {
-            d.wait_task(pb::WaitTaskRequest { task_id: id.into() })
-                .await
-        })
-    };
-    plugin
-        .driver()
-        .stop_task(pb::StopTaskRequest {
-            task_id: id.into(),
-            timeout: Some(prost_types::Duration {
-                seconds: 1,
-                nanos: 0,
-            }),
-            signal: "SIGTERM".into(),
-        })
-        .await
-        .expect("StopTask");
-    let w = tokio::time::timeout(LONG, waiter)
-        .await
-        .expect("WaitTask answered")
-        .expect("join")
-        .expect("WaitTask ok")
-        .into_inner();
+    let w = stop_and_wait(&plugin, id, 1).await;
     let r = w.result.expect("result");
     assert!(
         out.join("term-ignored").exists(),
