@@ -909,6 +909,48 @@ async fn stop_task_kills_a_worker_that_ignores_sigterm_after_the_timeout() {
         .expect("DestroyTask");
 }
 
+/// A task with `user = "nobody"` runs as that user, not as the plugin's root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_user_runs_the_worker_as_that_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let sc = Scenario::new("user");
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("passwd lookup")
+        .expect("this test needs the standard `nobody` user");
+    // The unprivileged worker must reach its script and write its output folder.
+    std::fs::set_permissions(sc.tmp.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod tmp");
+    let out = sc.out_dir("as-nobody");
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).expect("chmod out");
+    let plugin = Plugin::launch(sc.tmp.path()).await;
+    plugin.configure(&sc.config()).await;
+    let id = "alloc-5/worker/nobody";
+    let mut t = task_config(&sc.opts(id, "drain", &out));
+    t.user = "nobody".into();
+    plugin
+        .driver()
+        .start_task(pb::StartTaskRequest { task: Some(t) })
+        .await
+        .expect("StartTask as nobody");
+    wait_until_async("the worker to report its uid", LONG, || {
+        out.join("ready").exists()
+    })
+    .await;
+    let uid = std::fs::read_to_string(out.join("uid")).expect("uid file");
+    assert_eq!(uid.trim(), nobody.uid.to_string(), "runs as nobody");
+    let w = stop_and_wait(&plugin, id, 10).await;
+    let r = w.result.expect("result");
+    assert_eq!((r.exit_code, r.signal), (0, 0), "{}", w.err);
+    plugin
+        .driver()
+        .destroy_task(pb::DestroyTaskRequest {
+            task_id: id.into(),
+            force: true,
+        })
+        .await
+        .expect("DestroyTask");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misconfiguration_is_reported_clearly() {
     let sc = Scenario::new("misconf");
