@@ -327,6 +327,29 @@ pub async fn task_events(
     .unwrap_or_default()
 }
 
+/// Waits up to 60 s until a worker has pulled task `id`'s source (so the transcode is under
+/// way) and returns that worker's id: the moment the failure scenarios strike.
+pub async fn pulled_by(
+    db: &std::sync::Arc<dyn transcode_core::Store>,
+    id: transcode_core::TaskId,
+) -> Result<String> {
+    wait_for(
+        Duration::from_secs(60),
+        "a worker to pull the source",
+        || {
+            let db = db.clone();
+            async move {
+                let evs = task_events(&db, id).await;
+                if !evs.iter().any(|e| e.event_type == "VideoFilePulled") {
+                    return None;
+                }
+                db.get_task(id).await.ok()?.worker_id
+            }
+        },
+    )
+    .await
+}
+
 /// Starts a scaler on ephemeral ports.
 pub fn start_scaler(store: &str, logs: &Path, extra: &[&str]) -> Result<Proc> {
     let mut args: Vec<String> = [

@@ -294,20 +294,7 @@ async fn worker_killed_mid_task_is_recovered_after_its_lease() -> anyhow::Result
     }))?;
     let id = db.insert_task(&task_spec, &[]).await?.task.id;
     // Kill it once the transcode has started.
-    wait_for(
-        Duration::from_secs(60),
-        "the doomed worker to start transcoding",
-        || {
-            let db = db.clone();
-            async move {
-                let evs = transcode_e2e::task_events(&db, id).await;
-                evs.iter()
-                    .any(|e| e.event_type == "VideoFilePulled")
-                    .then_some(())
-            }
-        },
-    )
-    .await?;
+    transcode_e2e::pulled_by(&db, id).await?;
     doomed.signal("KILL");
     doomed.wait(Duration::from_secs(10));
     assert_eq!(

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 use transcode_core::store;
 use transcode_core::TaskStatus;
-use transcode_e2e::{bin, ffprobe, make_clip, start_scaler, start_worker, task_events, wait_for};
+use transcode_e2e::{bin, ffprobe, make_clip, start_scaler, start_worker, task_events};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_past_its_deadline_gives_the_task_back_and_exits_zero() -> anyhow::Result<()> {
@@ -34,18 +34,10 @@ async fn a_drain_past_its_deadline_gives_the_task_back_and_exits_zero() -> anyho
         "preset": "hd",
     }))?;
     let id = db.insert_task(&spec, &[]).await?.task.id;
-    wait_for(Duration::from_secs(60), "w1 to start transcoding", || {
-        let db = db.clone();
-        async move {
-            task_events(&db, id)
-                .await
-                .iter()
-                .any(|e| e.event_type == "VideoFilePulled")
-                .then_some(())
-        }
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", w1.log_tail()))?;
+    let puller = transcode_e2e::pulled_by(&db, id)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", w1.log_tail()))?;
+    assert_eq!(puller, "w1");
 
     w1.signal("TERM");
     let status = w1

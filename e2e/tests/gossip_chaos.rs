@@ -96,21 +96,7 @@ async fn zombie_worker_cannot_touch_its_requeued_task() -> anyhow::Result<()> {
         ],
     }))?;
     let id = db.insert_task(&spec, &[]).await?.task.id;
-    let zombie_id = wait_for(
-        Duration::from_secs(60),
-        "a worker to pull the source",
-        || {
-            let db = db.clone();
-            async move {
-                let evs = transcode_e2e::task_events(&db, id).await;
-                if !evs.iter().any(|e| e.event_type == "VideoFilePulled") {
-                    return None;
-                }
-                db.get_task(id).await.ok()?.worker_id
-            }
-        },
-    )
-    .await?;
+    let zombie_id = transcode_e2e::pulled_by(&db, id).await?;
     let zombie = workers
         .iter()
         .find(|w| w.name == zombie_id)

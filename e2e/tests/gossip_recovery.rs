@@ -62,21 +62,7 @@ async fn worker_killed_mid_transcode_is_detected_by_gossip_and_recovered() -> an
         "preset": "hd",
     }))?;
     let id = db.insert_task(&task_spec, &[]).await?.task.id;
-    let victim = wait_for(
-        Duration::from_secs(60),
-        "a worker to start transcoding",
-        || {
-            let db = db.clone();
-            async move {
-                let evs = transcode_e2e::task_events(&db, id).await;
-                if !evs.iter().any(|e| e.event_type == "VideoFilePulled") {
-                    return None;
-                }
-                db.get_task(id).await.ok()?.worker_id
-            }
-        },
-    )
-    .await?;
+    let victim = transcode_e2e::pulled_by(&db, id).await?;
     let doomed = workers
         .iter_mut()
         .find(|w| w.name == victim)
