@@ -350,6 +350,24 @@ pub async fn pulled_by(
     .await
 }
 
+/// `n` distinct ports free for both TCP and UDP on 127.0.0.1 (gossip uses both). All stay
+/// bound until every one is chosen; another process could still take one before the scaler
+/// or worker binds it, which would fail the start loudly rather than pass wrongly.
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = tcp.local_addr()?.port();
+        let Ok(udp) = std::net::UdpSocket::bind(("127.0.0.1", port)) else {
+            continue;
+        };
+        held.push((tcp, udp));
+        ports.push(port);
+    }
+    Ok(ports)
+}
+
 /// Starts a scaler on ephemeral ports.
 pub fn start_scaler(store: &str, logs: &Path, extra: &[&str]) -> Result<Proc> {
     let mut args: Vec<String> = [

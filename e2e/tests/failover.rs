@@ -18,25 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use transcode_core::store::{self, EventFilter};
 use transcode_core::{Store, TaskId, TaskSpec, TaskStatus};
-use transcode_e2e::{bin, make_clip, pg_database, wait_for, Proc};
-
-/// `n` distinct ports free for both TCP and UDP on 127.0.0.1 (gossip uses both). All stay
-/// bound until every one is chosen; another process could still take one before the scaler
-/// or worker binds it, which would fail the start loudly rather than pass wrongly.
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let mut held = Vec::new();
-    let mut ports = Vec::new();
-    while ports.len() < n {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let port = tcp.local_addr()?.port();
-        let Ok(udp) = std::net::UdpSocket::bind(("127.0.0.1", port)) else {
-            continue;
-        };
-        held.push((tcp, udp));
-        ports.push(port);
-    }
-    Ok(ports)
-}
+use transcode_e2e::{bin, free_ports, make_clip, pg_database, wait_for, Proc};
 
 /// Starts `bin` without waiting for its endpoints line (a standby prints it only once it
 /// leads). The line, when it comes, arrives on the returned channel.

@@ -218,8 +218,27 @@ async fn chaos_kills_and_same_id_restarts_lose_no_task() -> anyhow::Result<()> {
     let join = scaler.endpoint("gossip");
     // A lease short enough that the sweeper backstop finishes anything gossip does not see
     // within the test's bounds (a restart can beat gossip's detection).
-    let worker_args = ["--lease-seconds", "10", "--gossip-join", join.as_str()];
-    let start = |name: &str| start_worker(name, &url, &scaler, &[], dir, &worker_args);
+    // Each id keeps its gossip port across restarts, as a worker with a fixed
+    // `membership.bind` does: the restart then refutes its old incarnation at the same
+    // address. (At a new address memberlist would refuse the name until a state sync long
+    // after the old one is dead; docs/gossip.md.)
+    let ports: HashMap<&str, String> = IDS
+        .iter()
+        .zip(transcode_e2e::free_ports(IDS.len())?)
+        .map(|(id, p)| (*id, format!("127.0.0.1:{p}")))
+        .collect();
+    let start = |name: &str| {
+        let bind = ports.get(name).map(String::as_str).unwrap_or("127.0.0.1:0");
+        let args = [
+            "--lease-seconds",
+            "10",
+            "--gossip-join",
+            join.as_str(),
+            "--gossip-bind",
+            bind,
+        ];
+        start_worker(name, &url, &scaler, &[], dir, &args)
+    };
     let mut workers: Vec<Proc> = IDS.iter().map(|n| start(n)).collect::<Result<_, _>>()?;
     let db = store::open(&url, 1).await?;
     wait_for(
@@ -324,11 +343,9 @@ async fn chaos_kills_and_same_id_restarts_lose_no_task() -> anyhow::Result<()> {
     assert_eq!(successes.len(), TASKS, "no success for an unknown task");
 
     // The restarted workers are members again and still running: a late failure notice
-    // about an old incarnation must not drain the new one. A restart binds a new port, and
-    // the scaler refuses the name at a new address until the old one is dead, so a member
-    // that restarted quickly is only let back in by the next push/pull sync (every 30 s).
+    // about an old incarnation must not drain the new one.
     wait_for(
-        Duration::from_secs(100),
+        Duration::from_secs(60),
         "every restarted worker alive in gossip",
         || {
             let db = db.clone();
