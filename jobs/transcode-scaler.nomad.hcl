@@ -33,6 +33,8 @@ job "transcode-scaler" {
       port "dispatch" { static = 5571 }
       port "events_pub" { static = 5572 }
       port "events_sub" { static = 5573 }
+      # Workers join the scaler's gossip here (TCP and UDP).
+      port "gossip" { static = 7946 }
       port "http" {}
     }
 
@@ -79,6 +81,7 @@ job "transcode-scaler" {
           "--events-pub", "tcp://0.0.0.0:${NOMAD_PORT_events_pub}",
           "--events-sub", "tcp://0.0.0.0:${NOMAD_PORT_events_sub}",
           "--http", "0.0.0.0:${NOMAD_PORT_http}",
+          "--gossip-bind", "0.0.0.0:${NOMAD_PORT_gossip}",
           "--id", "scaler-${NOMAD_ALLOC_ID}",
           "--node", "${node.unique.name}",
         ]
@@ -86,6 +89,8 @@ job "transcode-scaler" {
 
       env {
         TRANSCODE_STORE_URL = var.store_url
+        # Bound to every interface, so peers need the address to reach it by.
+        TRANSCODE_MEMBERSHIP_ADVERTISE = "${NOMAD_ADDR_gossip}"
         TRANSCODE_LOG       = "info"
       }
 

@@ -45,6 +45,9 @@ job "transcode-worker" {
 
     network {
       port "http" {}
+      # Gossip (TCP and UDP). The port stays with the allocation across task restarts, so a
+      # restarted worker rejoins at the same address (docs/gossip.md).
+      port "gossip" {}
     }
 
     service {
@@ -71,7 +74,15 @@ job "transcode-worker" {
         s3_endpoint    = var.s3_endpoint
         slots          = 2
         drain_timeout  = "25s"
-        args           = ["--http", "0.0.0.0:${NOMAD_PORT_http}"]
+        args = [
+          "--http", "0.0.0.0:${NOMAD_PORT_http}",
+          "--gossip-bind", "0.0.0.0:${NOMAD_PORT_gossip}",
+          "--gossip-join", "${var.scaler_host}:7946",
+        ]
+      }
+
+      env {
+        TRANSCODE_MEMBERSHIP_ADVERTISE = "${NOMAD_ADDR_gossip}"
       }
 
       template {
