@@ -336,15 +336,30 @@ impl Membership {
         let mut joined = 0;
         let mut last = None;
         for a in addrs {
+            // A name (a Consul service, say) is looked up on every try, so a join retried in
+            // the background follows the scaler to a new address.
             let sa = match a.parse::<SocketAddr>() {
                 Ok(sa) => sa,
-                Err(e) => {
-                    last = Some(MembershipError::Config {
-                        key: "join",
-                        message: format!("{a:?}: {e}"),
-                    });
-                    continue;
-                }
+                Err(_) => match tokio::net::lookup_host(a.as_str()).await {
+                    // Our own address family first (`localhost` may list ::1 before 127.0.0.1).
+                    Ok(found) => match found.min_by_key(|sa| sa.is_ipv4() != self.addr.is_ipv4()) {
+                        Some(sa) => sa,
+                        None => {
+                            last = Some(MembershipError::Config {
+                                key: "join",
+                                message: format!("{a:?}: the name has no address"),
+                            });
+                            continue;
+                        }
+                    },
+                    Err(e) => {
+                        last = Some(MembershipError::Config {
+                            key: "join",
+                            message: format!("{a:?}: {e}"),
+                        });
+                        continue;
+                    }
+                },
             };
             match self
                 .serf
@@ -641,6 +656,25 @@ mod tests {
     fn tags_round_trip() {
         let t = tags("worker");
         assert_eq!(MemberTags::from_serf(&t.to_serf()), t);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_join_address_may_be_a_host_name() {
+        let (a, _arx) = Membership::start("a", &settings(None), tags("scaler"))
+            .await
+            .expect("a");
+        let (b, _brx) = Membership::start("b", &settings(None), tags("worker"))
+            .await
+            .expect("b");
+        let by_name = vec![format!("localhost:{}", a.local_addr().port())];
+        assert_eq!(b.join(&by_name).await.expect("joins by name"), 1);
+        let err = b
+            .join(&["no-such-host.invalid:7946".to_string()])
+            .await
+            .expect_err("an unknown name");
+        assert!(err.to_string().contains("no-such-host.invalid"), "{err}");
+        a.leave().await;
+        b.leave().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
