@@ -103,6 +103,17 @@ async fn stop_and_wait(p: &Plugin, id: &str, timeout_secs: i64) -> pb::WaitTaskR
         .into_inner()
 }
 
+/// DestroyTask with `force`, which must succeed.
+async fn force_destroy(p: &Plugin, id: &str) {
+    p.driver()
+        .destroy_task(pb::DestroyTaskRequest {
+            task_id: id.into(),
+            force: true,
+        })
+        .await
+        .expect("DestroyTask");
+}
+
 async fn wait_task(p: &Plugin, id: &str) -> pb::WaitTaskResponse {
     tokio::time::timeout(
         LONG,
@@ -861,14 +872,7 @@ async fn tasks_outlive_the_plugin_and_are_recovered() {
     );
 
     for id in ["alloc-3/worker/drain", "alloc-3/worker/late"] {
-        second
-            .driver()
-            .destroy_task(pb::DestroyTaskRequest {
-                task_id: id.into(),
-                force: true,
-            })
-            .await
-            .expect("DestroyTask");
+        force_destroy(&second, id).await;
     }
 }
 
@@ -899,14 +903,7 @@ async fn stop_task_kills_a_worker_that_ignores_sigterm_after_the_timeout() {
         "SIGTERM was sent first and ignored"
     );
     assert_eq!(r.signal, 9, "killed with SIGKILL: {r:?} {}", w.err);
-    plugin
-        .driver()
-        .destroy_task(pb::DestroyTaskRequest {
-            task_id: id.into(),
-            force: true,
-        })
-        .await
-        .expect("DestroyTask");
+    force_destroy(&plugin, id).await;
 }
 
 /// A task with `user = "nobody"` runs as that user, not as the plugin's root.
@@ -941,14 +938,7 @@ async fn a_task_user_runs_the_worker_as_that_user() {
     let w = stop_and_wait(&plugin, id, 10).await;
     let r = w.result.expect("result");
     assert_eq!((r.exit_code, r.signal), (0, 0), "{}", w.err);
-    plugin
-        .driver()
-        .destroy_task(pb::DestroyTaskRequest {
-            task_id: id.into(),
-            force: true,
-        })
-        .await
-        .expect("DestroyTask");
+    force_destroy(&plugin, id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
