@@ -214,6 +214,18 @@ impl Loop {
         self.history.push_back(entry);
     }
 
+    /// One carried-out (or failed) action in `transcode_scaling_actions_total`.
+    fn acted_metric(&self, level: &str, direction: &str, result: &str) {
+        self.d.metrics.inc(
+            ACTIONS,
+            &[
+                ("level", level),
+                ("direction", direction),
+                ("result", result),
+            ],
+        );
+    }
+
     fn count(&self, level: &str, outcome: &str) {
         self.d
             .metrics
@@ -548,10 +560,7 @@ impl Loop {
                 self.node_op = false;
                 if let Some(e) = &error {
                     tracing::error!(error = %e, added = ?added, "adding a worker node failed");
-                    self.d.metrics.inc(
-                        ACTIONS,
-                        &[("level", "node"), ("direction", "up"), ("result", "error")],
-                    );
+                    self.acted_metric("node", "up", "error");
                     let target = self.s.node_target.kind();
                     self.failed("node", "up", target, None, from, e.to_string())
                         .await;
@@ -561,10 +570,7 @@ impl Loop {
                 }
                 let to = from + added.len() as u32;
                 self.node_eval.acted(&Action::Up { from, to }, now);
-                self.d.metrics.inc(
-                    ACTIONS,
-                    &[("level", "node"), ("direction", "up"), ("result", "ok")],
-                );
+                self.acted_metric("node", "up", "ok");
                 tracing::info!(from, to, nodes = ?added, %reason, "worker nodes added");
                 self.remember(serde_json::json!({"level": "node", "at": chrono::Utc::now(), "done": "scaled up", "from": from, "to": to, "nodes": added}));
                 self.emit(EventBody::WorkerNodeScaledUp(NodeScaled {
@@ -587,14 +593,7 @@ impl Loop {
                 self.leaving.remove(&node);
                 if let Some(e) = error {
                     tracing::error!(%node, error = %e, "removing a worker node failed");
-                    self.d.metrics.inc(
-                        ACTIONS,
-                        &[
-                            ("level", "node"),
-                            ("direction", "down"),
-                            ("result", "error"),
-                        ],
-                    );
+                    self.acted_metric("node", "down", "error");
                     let target = self.s.node_target.kind();
                     self.failed("node", "down", target, Some(node), from, e.to_string())
                         .await;
@@ -602,10 +601,7 @@ impl Loop {
                 }
                 let to = from.saturating_sub(1);
                 self.node_eval.acted(&Action::Down { from, to }, now);
-                self.d.metrics.inc(
-                    ACTIONS,
-                    &[("level", "node"), ("direction", "down"), ("result", "ok")],
-                );
+                self.acted_metric("node", "down", "ok");
                 tracing::info!(from, to, %node, %reason, "worker node drained and removed");
                 self.remember(serde_json::json!({"level": "node", "at": chrono::Utc::now(), "done": "scaled down", "from": from, "to": to, "node": node}));
                 self.emit(EventBody::WorkerNodeScaledDown(NodeScaled {
@@ -629,14 +625,7 @@ impl Loop {
                 let direction = if up { "up" } else { "down" };
                 if let Some(e) = error {
                     tracing::error!(%node, direction, error = %e, "container scaling failed");
-                    self.d.metrics.inc(
-                        ACTIONS,
-                        &[
-                            ("level", "container"),
-                            ("direction", direction),
-                            ("result", "error"),
-                        ],
-                    );
+                    self.acted_metric("container", direction, "error");
                     let target = self.s.container_target.kind();
                     self.failed(
                         "container",
@@ -652,14 +641,7 @@ impl Loop {
                 if let Some(ev) = self.containers.get_mut(&node) {
                     ev.acted(now);
                 }
-                self.d.metrics.inc(
-                    ACTIONS,
-                    &[
-                        ("level", "container"),
-                        ("direction", direction),
-                        ("result", "ok"),
-                    ],
-                );
+                self.acted_metric("container", direction, "ok");
                 let to = if up { from + 1 } else { from.saturating_sub(1) };
                 tracing::info!(%node, from, to, ?member, %reason, "container scaled {direction}");
                 self.remember(serde_json::json!({"level": "container", "node": node, "at": chrono::Utc::now(), "done": format!("scaled {direction}"), "from": from, "to": to, "member": member}));
